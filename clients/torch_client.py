@@ -1,0 +1,147 @@
+"""A Flower ``ClientApp`` around any PyTorch model, loss and data partition."""
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedsim import keys
+from fedsim.clients.training import LossFn, evaluate, train_epochs
+from fedsim.seeding import derive_seed, torch_generator
+
+OptimizerFn = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
+
+
+def sgd(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Plain SGD, the optimizer of FedAvg's paper."""
+    return torch.optim.SGD(params, lr=lr)
+
+
+@dataclass(frozen=True)
+class TorchTask:
+    """What a client needs to train: model, loss, data and default hyperparameters.
+
+    Parameters
+    ----------
+    model_fn
+        Builds a fresh model; any ``nn.Module`` whose ``state_dict`` the server holds.
+    loss_fn
+        Batch-mean loss, e.g. ``nn.CrossEntropyLoss()``.
+    load_partition
+        ``(partition_id, num_partitions) -> Dataset`` of ``(input, target)`` pairs.
+    optimizer_fn
+        ``(parameters, lr) -> Optimizer``; a fresh optimizer each round.
+    device
+        Where local training runs (``"cpu"``, ``"cuda:0"``, ...).
+    lr, local_epochs, batch_size
+        Used when the server's ConfigRecord does not set them.
+    """
+
+    model_fn: Callable[[], nn.Module]
+    loss_fn: LossFn
+    load_partition: Callable[[int, int], Dataset]
+    optimizer_fn: OptimizerFn = sgd
+    device: str = "cpu"
+    lr: float = 0.05
+    local_epochs: int = 1
+    batch_size: int = 32
+
+
+class TorchClient:
+    """Train and evaluate handlers for one :class:`TorchTask`.
+
+    One model instance is built per process and reloaded from each message: a
+    simulated node holds no model between messages, so thousands of nodes cost
+    one model's memory.
+    """
+
+    def __init__(self, task: TorchTask) -> None:
+        self.task = task
+        self.device = torch.device(task.device)
+        self._model: nn.Module | None = None
+
+    def model(self, arrays: ArrayRecord) -> nn.Module:
+        """Return the process's model instance loaded with ``arrays``."""
+        if self._model is None:
+            self._model = self.task.model_fn().to(self.device)
+        self._model.load_state_dict(arrays.to_torch_state_dict())
+        return self._model
+
+    def train(self, message: Message, context: Context) -> Message:
+        """Train the received model on this node's partition."""
+        config = message.content[keys.CONFIG]
+        model = self.model(message.content[keys.ARRAYS])
+        dataset = self._partition(context)
+        partition_id = int(context.node_config[keys.PARTITION_ID])
+        seed, round_ = int(config.get(keys.SEED, 0)), int(config.get(keys.SERVER_ROUND, 0))
+        optimizer = self.task.optimizer_fn(model.parameters(), float(config.get(keys.LR, self.task.lr)))
+        # Dropout and other in-model randomness draw from torch's global RNG; seeding it
+        # per (round, node) inside fork_rng makes a client's update independent of
+        # which clients ran before it in this process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, round_, partition_id, "train"))
+            train_loss = train_epochs(
+                model,
+                dataset,
+                loss_fn=self.task.loss_fn,
+                optimizer=optimizer,
+                epochs=int(config.get(keys.LOCAL_EPOCHS, self.task.local_epochs)),
+                batch_size=int(config.get(keys.BATCH_SIZE, self.task.batch_size)),
+                generator=torch_generator(seed, round_, partition_id, "shuffle"),
+                device=self.device,
+            )
+        _count_participation(context)
+        content = RecordDict(
+            {
+                keys.ARRAYS: ArrayRecord(model.state_dict()),
+                keys.METRICS: MetricRecord(
+                    {keys.NUM_EXAMPLES: len(dataset), keys.TRAIN_LOSS: train_loss}
+                ),
+            }
+        )
+        return Message(content, reply_to=message)
+
+    def evaluate(self, message: Message, context: Context) -> Message:
+        """Evaluate the received model on this node's partition."""
+        config = message.content.get(keys.CONFIG, ConfigRecord())
+        model = self.model(message.content[keys.ARRAYS])
+        dataset = self._partition(context)
+        metrics = evaluate(
+            model,
+            dataset,
+            loss_fn=self.task.loss_fn,
+            batch_size=int(config.get(keys.BATCH_SIZE, self.task.batch_size)),
+            device=self.device,
+        )
+        record = MetricRecord({keys.NUM_EXAMPLES: len(dataset), **metrics})
+        return Message(RecordDict({keys.METRICS: record}), reply_to=message)
+
+    def _partition(self, context: Context) -> Dataset:
+        try:
+            partition_id = int(context.node_config[keys.PARTITION_ID])
+            num_partitions = int(context.node_config[keys.NUM_PARTITIONS])
+        except KeyError as exc:
+            raise KeyError(
+                f"node_config lacks {exc}; start SuperNodes with "
+                f"--node-config '{keys.PARTITION_ID}=<i> {keys.NUM_PARTITIONS}=<n>'"
+            ) from None
+        return self.task.load_partition(partition_id, num_partitions)
+
+
+def _count_participation(context: Context) -> None:
+    """Keep a per-node count of training rounds in ``Context.state``."""
+    state = context.state.setdefault(keys.CLIENT_STATE, ConfigRecord())
+    state[keys.ROUNDS_PARTICIPATED] = int(state.get(keys.ROUNDS_PARTICIPATED, 0)) + 1
+
+
+def make_client_app(task: TorchTask) -> ClientApp:
+    """Return a ClientApp with ``train`` and ``evaluate`` handlers for ``task``."""
+    client = TorchClient(task)
+    app = ClientApp()
+    app.train()(client.train)
+    app.evaluate()(client.evaluate)
+    return app

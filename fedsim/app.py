@@ -1,0 +1,68 @@
+"""fedsim as Flower apps: the same server and client logic under any Flower runtime.
+
+``client_app`` and ``server_app`` read fedsim's config from Flower's
+``run_config`` (``[tool.flwr.app.config]`` in ``pyproject.toml``, or
+``flwr run . --run-config "rounds=5 data.num_clients=20"``), so
+``flwr run`` starts the very run that ``fedsim run`` would.
+"""
+
+from collections.abc import Callable
+from functools import lru_cache
+
+from flwr.app import Context, Message, UserConfig
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedsim.clients import TorchClient
+from fedsim.config import RunConfig, parse_config, unflatten
+from fedsim.experiment import build_task, run_on_grid
+
+ConfigResolver = Callable[[Context], RunConfig]
+
+
+def config_from_run_config(run_config: UserConfig) -> RunConfig:
+    """Parse Flower's flat ``run_config`` (dotted keys) into a :class:`RunConfig`."""
+    return parse_config(unflatten(run_config))
+
+
+@lru_cache(maxsize=4)
+def _client(config: RunConfig) -> TorchClient:
+    # One client (model instance and data) per process and config: a Ray worker
+    # builds it on its first message and reuses it for every node it simulates.
+    return TorchClient(build_task(config))
+
+
+def client_app_for(resolve: ConfigResolver) -> ClientApp:
+    """A ClientApp that builds its task from the config ``resolve`` finds in the context."""
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return _client(resolve(context)).train(message, context)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        return _client(resolve(context)).evaluate(message, context)
+
+    return app
+
+
+def server_app_for(resolve: ConfigResolver, *, engine: str, summaries: list | None = None) -> ServerApp:
+    """A ServerApp that runs the resolved config on whatever grid Flower provides."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_on_grid(resolve(context), grid, engine=engine)
+        if summaries is not None:
+            summaries.append(summary)
+
+    return app
+
+
+def _from_context(context: Context) -> RunConfig:
+    return config_from_run_config(context.run_config)
+
+
+client_app = client_app_for(_from_context)
+server_app = server_app_for(_from_context, engine="flwr-run")

@@ -1,0 +1,237 @@
+"""Run configuration: frozen dataclasses, parsed and validated once at the edge.
+
+A run is described by a TOML file (or Flower's flat ``run_config``, or
+``--set key=value`` overrides); :func:`parse_config` turns it into a
+:class:`RunConfig` or raises :class:`ConfigError`, whose message is one line
+naming the key, the value and what is allowed. Library code only ever sees the
+typed, validated result.
+"""
+
+import dataclasses
+import difflib
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _rule(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
+    """A dataclass field whose value must satisfy ``check`` (described by ``allowed``)."""
+    return field(default=default, metadata={"check": check, "allowed": allowed})
+
+
+def _positive(default: float) -> Any:
+    return _rule(default, lambda v: v > 0, "a number > 0")
+
+
+def _at_least(default: int, low: int) -> Any:
+    return _rule(default, lambda v: v >= low, f"an integer >= {low}")
+
+
+def _fraction(default: float) -> Any:
+    return _rule(default, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
+
+
+Dataset = Literal["digits", "synthetic", "mnist", "emnist", "cifar10"]
+Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, and how it is split over clients."""
+
+    dataset: Dataset = "digits"
+    partitioner: Partitioner = "dirichlet"
+    num_clients: int = _at_least(100, 1)
+    alpha: float = _positive(0.5)
+    shards_per_client: int = _at_least(2, 1)
+    test_fraction: float = _fraction(0.2)
+    synthetic_alpha: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    synthetic_beta: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+
+    def __post_init__(self) -> None:
+        if (self.dataset == "synthetic") != (self.partitioner == "natural"):
+            raise ConfigError(
+                "data.partitioner: the 'synthetic' dataset is split by client ('natural'), "
+                f"and 'natural' only applies to it; got dataset={self.dataset!r}, "
+                f"partitioner={self.partitioner!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which reference model to train."""
+
+    name: Literal["cnn", "mlp", "logreg"] = "cnn"
+    hidden: int = _at_least(64, 1)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Local training on each client."""
+
+    lr: float = _positive(0.05)
+    local_epochs: int = _at_least(1, 1)
+    batch_size: int = _at_least(32, 1)
+    device: str = _rule("cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """The server's strategy and its cohorts."""
+
+    name: Literal["fedavg"] = "fedavg"
+    clients_per_round: int = _at_least(10, 1)
+    evaluate_clients: int = _at_least(0, 0)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What executes the clients."""
+
+    name: Literal["inline", "flower"] = "inline"
+    timeout_s: float = _positive(3600.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
+
+    name: str = _rule("fedsim", lambda v: bool(_NAME.fullmatch(v)), "letters, digits, '.', '_', '-'")
+    seed: int = _at_least(0, 0)
+    rounds: int = _at_least(10, 1)
+    eval_every: int = _at_least(1, 1)
+    output_dir: str = "runs"
+    plot: bool = True
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("clients_per_round", "evaluate_clients"):
+            if getattr(self.strategy, key) > self.data.num_clients:
+                raise ConfigError(
+                    f"strategy.{key} = {getattr(self.strategy, key)} exceeds "
+                    f"data.num_clients = {self.data.num_clients}"
+                )
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this run's metrics, summary and plot go."""
+        return Path(self.output_dir) / self.name
+
+
+def parse_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a nested mapping (a parsed TOML document) into a :class:`RunConfig`."""
+    return _build(RunConfig, raw, prefix="")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML file, apply ``key=value`` overrides, and validate."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value)
+    return parse_config(raw)
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Turn Flower's flat ``run_config`` (``{"data.num_clients": 10}``) into nested tables."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        _set_dotted(nested, key, value)
+    return nested
+
+
+def flatten(config: RunConfig) -> dict[str, Any]:
+    """Return the config as Flower's flat ``run_config`` (inverse of :func:`unflatten`)."""
+    flat: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(config).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set rounds=5")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()  # a bare word is a string: --set data.dataset=digits
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = tree.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part!r} is a value, not a table")
+        tree = child
+    tree[leaf] = value
+
+
+def _build(cls: type, raw: Any, *, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown key '{prefix}{key}'{hint}; allowed in {where}: {', '.join(fields)}"
+            )
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, prefix=f"{prefix}{key}.")
+        else:
+            values[key] = _check_value(f"{prefix}{key}", value, hint, fields[key].metadata)
+    return cls(**values)
+
+
+def _check_value(key: str, value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
+        return value
+    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
+    ok = (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+        if hint is not float
+        else isinstance(value, int | float) and not isinstance(value, bool)
+    )
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} has the wrong type; expected {expected}")
+    value = float(value) if hint is float else value
+    if "check" in metadata and not metadata["check"](value):
+        raise ConfigError(f"{key} = {value!r} is out of range; expected {metadata['allowed']}")
+    return value
+

@@ -1,0 +1,154 @@
+"""From a :class:`RunConfig` to a finished run: build the pieces, run them on a grid.
+
+:func:`run_on_grid` is the one entry every engine goes through (the inline
+engine, Flower's simulation, a SuperLink under ``flwr run``), so results,
+progress and seeding behave the same everywhere.
+"""
+
+import contextlib
+from functools import lru_cache
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedsim import keys
+from fedsim.clients import TorchTask
+from fedsim.clients.training import evaluate
+from fedsim.config import DataConfig, RunConfig
+from fedsim.data import FederatedData, build_federated_data
+from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
+from fedsim.models import model_factory
+from fedsim.progress import ProgressBar
+from fedsim.results import RunRecorder
+from fedsim.seeding import SERVER_NODE, derive_seed
+from fedsim.strategies import FedAvg
+
+
+@lru_cache(maxsize=2)
+def federated_data(data: DataConfig, seed: int) -> FederatedData:
+    """Load and partition the dataset once per process (server, or each Ray worker)."""
+    return build_federated_data(
+        dataset=data.dataset,
+        partitioner=data.partitioner,
+        num_clients=data.num_clients,
+        seed=seed,
+        alpha=data.alpha,
+        shards_per_client=data.shards_per_client,
+        test_fraction=data.test_fraction,
+        synthetic_alpha=data.synthetic_alpha,
+        synthetic_beta=data.synthetic_beta,
+    )
+
+
+def build_task(config: RunConfig) -> TorchTask:
+    """The client-side task of a config: model, loss, partitions, hyperparameters."""
+    data = federated_data(config.data, config.seed)
+
+    def load_partition(partition_id: int, num_partitions: int) -> Dataset:
+        if num_partitions != data.num_partitions:
+            raise ValueError(
+                f"the federation has {num_partitions} nodes but data.num_clients = "
+                f"{data.num_partitions}; make them equal"
+            )
+        return data.client_dataset(partition_id)
+
+    central = data.central
+    return TorchTask(
+        model_fn=model_factory(
+            config.model.name, central.input_shape, central.num_classes, hidden=config.model.hidden
+        ),
+        loss_fn=nn.CrossEntropyLoss(),
+        load_partition=load_partition,
+        device=config.client.device,
+        lr=config.client.lr,
+        local_epochs=config.client.local_epochs,
+        batch_size=config.client.batch_size,
+    )
+
+
+def build_strategy(config: RunConfig) -> FedAvg:
+    """The config's strategy, with cohorts given as absolute sizes."""
+    population = config.data.num_clients
+    train, evaluate_ = config.strategy.clients_per_round, config.strategy.evaluate_clients
+    return FedAvg(
+        seed=config.seed,
+        fraction_train=train / population,
+        min_train_nodes=train,
+        fraction_evaluate=evaluate_ / population,
+        min_evaluate_nodes=evaluate_,
+        min_available_nodes=max(train, evaluate_),
+    )
+
+
+def train_config(config: RunConfig) -> ConfigRecord:
+    """What the server sends clients each round (the strategy adds the round)."""
+    return ConfigRecord(
+        {
+            keys.SEED: config.seed,
+            keys.LR: config.client.lr,
+            keys.LOCAL_EPOCHS: config.client.local_epochs,
+            keys.BATCH_SIZE: config.client.batch_size,
+        }
+    )
+
+
+def initial_arrays(task: TorchTask, seed: int) -> ArrayRecord:
+    """The global model before round 1, initialized from the run's seed alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, 0, SERVER_NODE, "init"))
+        return ArrayRecord(task.model_fn().state_dict())
+
+
+def central_evaluator(task: TorchTask, test_set: Dataset) -> EvaluateFn:
+    """Evaluate global arrays on the server's held-out test split."""
+    model = task.model_fn()
+
+    def evaluate_fn(_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics = evaluate(
+            model, test_set, loss_fn=task.loss_fn, batch_size=512, device=torch.device("cpu")
+        )
+        return MetricRecord(metrics)
+
+    return evaluate_fn
+
+
+def run_on_grid(config: RunConfig, grid: Grid, *, engine: str) -> dict[str, Any]:
+    """Run ``config`` on ``grid`` with progress and result files; return the summary.
+
+    The summary and metrics are written even when the run fails or is
+    interrupted, with ``status`` saying so.
+    """
+    task = build_task(config)
+    recorder = RunRecorder(config)
+    status = "failed"
+    arrays = None
+    try:
+        with contextlib.ExitStack() as stack:
+            observers: list[RoundObserver] = [recorder]
+            if config.progress:
+                observers.append(stack.enter_context(ProgressBar(config.rounds, description=config.name)))
+            arrays = run_rounds(
+                strategy=build_strategy(config),
+                grid=grid,
+                initial_arrays=initial_arrays(task, config.seed),
+                num_rounds=config.rounds,
+                train_config=train_config(config),
+                evaluate_fn=central_evaluator(task, federated_data(config.data, config.seed).test_dataset()),
+                eval_every=config.eval_every,
+                timeout=config.engine.timeout_s,
+                observers=observers,
+            )
+        status = "completed"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        summary = recorder.finish(status, engine=engine)
+    if arrays is not None:
+        torch.save(arrays.to_torch_state_dict(), config.run_dir / "model.pt")
+    return summary

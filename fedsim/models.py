@@ -1,0 +1,58 @@
+"""Small reference models, built by name from a config.
+
+Any ``nn.Module`` works with fedsim's clients; these exist so a run can be
+described in a TOML file. ``cnn`` on 1x28x28 inputs has 105,866 parameters, the
+size of the engine benchmark's workload.
+"""
+
+from collections.abc import Callable
+from math import prod
+
+from torch import nn
+
+MODEL_NAMES = ("cnn", "mlp", "logreg")
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
+    """Two 3x3 conv blocks (16 and 32 channels, each halving the resolution), then two linear layers."""
+    channels, height, width = _image_shape(input_shape)
+    flat = 32 * (height // 4) * (width // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(flat, hidden), nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )  # fmt: skip
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
+    """One hidden ReLU layer over the flattened input."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
+def logreg(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
+    """Multinomial logistic regression (``hidden`` is unused), the FedProx synthetic model."""
+    del hidden
+    return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
+
+
+def model_factory(
+    name: str, input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64
+) -> Callable[[], nn.Module]:
+    """Return a zero-argument factory for the named model."""
+    builders = {"cnn": cnn, "mlp": mlp, "logreg": logreg}
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    return lambda: builders[name](input_shape, num_classes, hidden=hidden)
+
+
+def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3 or min(input_shape[1:]) < 4:
+        raise ValueError(
+            f"model 'cnn' needs image inputs (channels, height>=4, width>=4), got {input_shape}; "
+            "use 'mlp' or 'logreg' for vector data"
+        )
+    return input_shape[0], input_shape[1], input_shape[2]

@@ -1,0 +1,91 @@
+"""A run's results on disk: per-round metrics, a summary and a plot.
+
+``metrics.jsonl`` gets one line per round as soon as the round ends (flushed),
+so a run that crashes or is interrupted keeps everything it computed; the
+summary says how the run ended.
+"""
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedsim.config import RunConfig
+from fedsim.loop import RoundReport
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"
+PLOT_FILE = "metrics.png"
+
+
+class RunRecorder:
+    """Write ``runs/<name>/``: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``metrics.png``."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.run_dir = config.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+        self._metrics = (self.run_dir / METRICS_FILE).open("w")
+        self._started = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+
+    def on_round(self, report: RoundReport) -> None:
+        """Append the round's row to ``metrics.jsonl`` and flush it."""
+        row = report.as_row()
+        self.rows.append(row)
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+
+    def finish(self, status: str, **extra: Any) -> dict[str, Any]:
+        """Close the metrics file, write the summary (and plot); return the summary."""
+        self._metrics.close()
+        last_central = next((r for r in reversed(self.rows) if "central_accuracy" in r), {})
+        summary = {
+            "name": self.config.name,
+            "status": status,
+            "rounds": max((int(r["round"]) for r in self.rows), default=0),
+            "accuracy": last_central.get("central_accuracy"),
+            "loss": last_central.get("central_loss"),
+            "best_accuracy": max(
+                (r["central_accuracy"] for r in self.rows if "central_accuracy" in r), default=None
+            ),
+            "failures": sum(int(r.get("failures", 0)) for r in self.rows),
+            "wall_time_s": round(time.perf_counter() - self._started, 3),
+            "seed": self.config.seed,
+            **extra,
+        }
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if self.config.plot and self.rows:
+            plot_metrics(self.rows, self.run_dir / PLOT_FILE, title=self.config.name)
+        return summary
+
+
+def plot_metrics(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Plot accuracy and loss per round (centralized, and clients' where present)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for prefix, label in (("central_", "server test set"), ("evaluate_", "clients")):
+        for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+            points = [(r["round"], r[prefix + metric]) for r in rows if prefix + metric in r]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
+    train = [(r["round"], r["train_train_loss"]) for r in rows if "train_train_loss" in r]
+    if train:
+        loss_ax.plot(*zip(*train, strict=True), marker=".", label="clients' training")
+    for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+        ax.set_xlabel("round")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,97 @@
+"""Streaming aggregation: weighted means that hold one model, not one per client."""
+
+from collections.abc import Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, MetricRecord
+
+
+class InvalidReplyError(ValueError):
+    """A client's reply cannot be aggregated; the strategy skips it."""
+
+
+class WeightedMean:
+    """Running weighted mean of named arrays with fixed shapes.
+
+    Sums accumulate in float64 (so the mean of many float32 updates loses no
+    precision) and the mean is cast back to each entry's first-seen dtype. Memory
+    is one float64 copy of the model, whatever the number of terms.
+
+    Parameters
+    ----------
+    template
+        Expected shape of every entry; a term with other names or shapes is
+        rejected before it touches the sum. ``None`` takes the first term's shapes.
+    """
+
+    def __init__(self, template: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        self._shapes = dict(template) if template is not None else None
+        self._sums: dict[str, np.ndarray] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def check(self, values: Mapping[str, np.ndarray], weight: float) -> None:
+        """Raise :class:`InvalidReplyError` if ``add(values, weight)`` would be rejected."""
+        if not (isinstance(weight, int | float) and np.isfinite(weight) and weight > 0):
+            raise InvalidReplyError(f"weight must be a positive finite number, got {weight!r}")
+        shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
+        if set(values) != set(shapes):
+            missing, extra = sorted(set(shapes) - set(values)), sorted(set(values) - set(shapes))
+            raise InvalidReplyError(f"entries differ from the model: missing {missing}, extra {extra}")
+        for name, value in values.items():
+            if np.shape(value) != tuple(shapes[name]):
+                raise InvalidReplyError(
+                    f"{name!r} has shape {np.shape(value)}, expected {tuple(shapes[name])}"
+                )
+            if not np.all(np.isfinite(value)):
+                raise InvalidReplyError(f"{name!r} contains NaN or infinity")
+
+    def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
+        """Add ``weight * values``; if invalid, raise and change nothing."""
+        self.check(values, weight)
+        shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
+        self._shapes = shapes
+        for name, value in values.items():
+            if name not in self._sums:
+                self._sums[name] = np.zeros(shapes[name], dtype=np.float64)
+                self._dtypes[name] = np.asarray(value).dtype
+            self._sums[name] += weight * np.asarray(value, dtype=np.float64)
+        self.total_weight += weight
+        self.count += 1
+
+    def mean(self) -> dict[str, np.ndarray]:
+        """Return the weighted mean; raise ``ValueError`` if nothing was added."""
+        if self.count == 0:
+            raise ValueError("no terms were added")
+        return {
+            name: (total / self.total_weight).astype(self._dtypes[name])
+            for name, total in self._sums.items()
+        }
+
+
+def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Return an ArrayRecord's entries as NumPy arrays."""
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def to_array_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """Build an ArrayRecord, keeping the order of ``values``."""
+    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in values.items()})
+
+
+def shapes_of(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
+    """Return the shape of each entry of an ArrayRecord."""
+    return {name: tuple(array.shape) for name, array in record.items()}
+
+
+def metric_values(record: MetricRecord, *, exclude: str) -> dict[str, np.ndarray]:
+    """Return a MetricRecord's numeric entries (lists as vectors), minus ``exclude``."""
+    return {name: np.asarray(v, dtype=np.float64) for name, v in record.items() if name != exclude}
+
+
+def to_metric_record(values: Mapping[str, np.ndarray]) -> MetricRecord:
+    """Build a MetricRecord from scalars and vectors."""
+    return MetricRecord(
+        {name: v.tolist() if np.ndim(v) else float(v) for name, v in values.items()}
+    )

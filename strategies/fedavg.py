@@ -1,0 +1,146 @@
+"""Federated Averaging (McMahan et al., AISTATS 2017, https://arxiv.org/abs/1602.05629).
+
+Flower's message-based FedAvg with two changes that matter in simulation:
+
+* the cohort is drawn from a generator seeded by ``(seed, round)``, not from the
+  global ``random`` module, so a run replays exactly and any round can be
+  reproduced in isolation;
+* aggregation streams: each reply is folded into a running weighted sum and
+  dropped, so memory is O(model) rather than O(cohort x model), and a malformed
+  reply (wrong shape, NaN, missing weight) is skipped instead of failing the round.
+"""
+
+from collections.abc import Iterable
+from logging import DEBUG, WARNING
+
+import numpy as np
+from fedsim.strategies.aggregation import (
+    InvalidReplyError,
+    WeightedMean,
+    arrays_of,
+    metric_values,
+    shapes_of,
+    to_array_record,
+    to_metric_record,
+)
+from fedsim.strategies.sampling import available_nodes, sample_cohort
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.supercore import log
+
+from fedsim import keys
+from fedsim.seeding import SERVER_NODE, numpy_rng
+
+
+class FedAvg(FlowerFedAvg):
+    """FedAvg with seeded sampling and streaming aggregation.
+
+    Takes every argument of :class:`flwr.serverapp.strategy.FedAvg` (the custom
+    ``*_metrics_aggr_fn`` hooks excepted: metrics are averaged by the same
+    streaming mean as arrays) plus ``seed``.
+    """
+
+    def __init__(self, *, seed: int = 0, **flower_kwargs: object) -> None:
+        super().__init__(**flower_kwargs)  # type: ignore[arg-type]
+        self.seed = seed
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample a seeded cohort and send it the global arrays."""
+        self._shapes = shapes_of(arrays)
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._configure(server_round, record, grid, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample a seeded cohort to evaluate the global arrays."""
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._configure(server_round, record, grid, MessageType.EVALUATE)
+
+    def _configure(
+        self, server_round: int, record: RecordDict, grid: Grid, message_type: str
+    ) -> list[Message]:
+        is_train = message_type == MessageType.TRAIN
+        fraction = self.fraction_train if is_train else self.fraction_evaluate
+        minimum = self.min_train_nodes if is_train else self.min_evaluate_nodes
+        if fraction == 0.0:
+            return []
+        node_ids = available_nodes(grid, max(self.min_available_nodes, minimum))
+        size = min(max(int(len(node_ids) * fraction), minimum), len(node_ids))
+        rng = numpy_rng(self.seed, server_round, SERVER_NODE, f"sample-{message_type}")
+        cohort = sample_cohort(node_ids, size, rng)
+        log(DEBUG, "%s: sampled %d of %d nodes", message_type, len(cohort), len(node_ids))
+        record[self.configrecord_key][keys.SERVER_ROUND] = server_round
+        return [Message(record, node_id, message_type) for node_id in cohort]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Fold each valid reply into running weighted means of arrays and metrics."""
+        arrays, metrics = WeightedMean(self._shapes), WeightedMean()
+        for reply in self._valid(replies):
+            try:
+                weight, metric_vals, array_vals = self._unpack(reply.content, with_arrays=True)
+                # Check both parts before adding either, so a bad reply changes nothing.
+                arrays.check(array_vals, weight)
+                metrics.check(metric_vals, weight)
+            except InvalidReplyError as exc:
+                _reject(reply, str(exc))
+                continue
+            arrays.add(array_vals, weight)
+            metrics.add(metric_vals, weight)
+        if arrays.count == 0:
+            return None, None
+        return to_array_record(arrays.mean()), to_metric_record(metrics.mean())
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the evaluation metrics of valid replies."""
+        metrics = WeightedMean()
+        for reply in self._valid(replies):
+            try:
+                weight, metric_vals, _ = self._unpack(reply.content, with_arrays=False)
+                metrics.add(metric_vals, weight)
+            except InvalidReplyError as exc:
+                _reject(reply, str(exc))
+        return to_metric_record(metrics.mean()) if metrics.count else None
+
+    def _unpack(
+        self, content: RecordDict, *, with_arrays: bool
+    ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Split a reply into (weight, metrics, arrays), checking its structure."""
+        if len(content.metric_records) != 1:
+            raise InvalidReplyError(
+                f"expected one MetricRecord, got {len(content.metric_records)}"
+            )
+        metric_record = next(iter(content.metric_records.values()))
+        if self.weighted_by_key not in metric_record:
+            raise InvalidReplyError(f"MetricRecord lacks the weight {self.weighted_by_key!r}")
+        weight = metric_record[self.weighted_by_key]
+        if isinstance(weight, list):
+            raise InvalidReplyError(f"weight {self.weighted_by_key!r} must be a number")
+        array_vals: dict[str, np.ndarray] = {}
+        if with_arrays:
+            if len(content.array_records) != 1:
+                raise InvalidReplyError(
+                    f"expected one ArrayRecord, got {len(content.array_records)}"
+                )
+            array_vals = arrays_of(next(iter(content.array_records.values())))
+        return weight, metric_values(metric_record, exclude=self.weighted_by_key), array_vals
+
+    def _valid(self, replies: Iterable[Message]) -> Iterable[Message]:
+        """Yield replies that carry content; log and skip error replies."""
+        for reply in replies:
+            if reply.has_error():
+                _reject(reply, reply.error.reason or f"error code {reply.error.code}")
+            else:
+                yield reply
+
+
+def _reject(reply: Message, reason: str) -> None:
+    log(WARNING, "Skipping reply from node %d: %s", reply.metadata.src_node_id, reason)

@@ -1,0 +1,38 @@
+"""Seeded cohort sampling that never lists the whole population."""
+
+import time
+from collections.abc import Sequence
+from logging import INFO
+
+import numpy as np
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+
+def available_nodes(grid: Grid, minimum: int, *, poll_s: float = 1.0) -> Sequence[int]:
+    """Return the grid's node ids once at least ``minimum`` are connected.
+
+    Simulation engines return a ``range`` (no copy, whatever the population);
+    under Flower's deployment runtime nodes connect over time, so we wait for them
+    as Flower's own strategies do.
+    """
+    while True:
+        node_ids = grid.get_node_ids()
+        if not isinstance(node_ids, Sequence):
+            node_ids = list(node_ids)
+        if len(node_ids) >= minimum:
+            return node_ids
+        log(INFO, "Waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
+        time.sleep(poll_s)
+
+
+def sample_cohort(node_ids: Sequence[int], size: int, rng: np.random.Generator) -> list[int]:
+    """Draw ``size`` distinct node ids uniformly, in ascending order.
+
+    ``Generator.choice`` without replacement uses Floyd's algorithm on large
+    populations, so drawing 100 of 10**6 touches 100 ids, not 10**6.
+    """
+    if not 0 <= size <= len(node_ids):
+        raise ValueError(f"cannot sample {size} nodes from {len(node_ids)}")
+    positions = np.sort(rng.choice(len(node_ids), size=size, replace=False))
+    return [node_ids[int(p)] for p in positions]
