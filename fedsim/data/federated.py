@@ -1,0 +1,155 @@
+"""The federated view of a dataset: a central dataset plus a client partition.
+
+:class:`FederatedData` is what clients and the server read from: a client asks
+for its partition, the server for the shared test split. It holds indices, not
+copies, so one object serves any number of simulated clients.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch.utils.data import TensorDataset
+
+from fedsim.data.datasets import CentralDataset, load_digits, load_flwr_dataset, load_synthetic
+from fedsim.data.partition import SCHEMES, partition_indices
+
+DATASETS = ("digits", "synthetic", "mnist", "emnist", "cifar10")
+PARTITIONERS = (*SCHEMES, "natural")
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A central dataset plus a partition of its train split over clients.
+
+    Attributes
+    ----------
+    central : CentralDataset
+        The train and test tensors.
+    partitions : tuple[numpy.ndarray, ...]
+        For each client (partition id ``0 .. num_partitions - 1``), its int64
+        indices into ``central.train_x``. A partition may be empty (see
+        :func:`~fedsim.data.partition.partition_indices`).
+    """
+
+    central: CentralDataset
+    partitions: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        # A partition built for another dataset would otherwise fail (or, worse,
+        # silently read the wrong samples) only when a client first trains.
+        if not self.partitions:
+            raise ValueError("partitions must hold at least one partition")
+        n = len(self.central.train_y)
+        for part in self.partitions:
+            if part.size and (part.min() < 0 or part.max() >= n):
+                raise ValueError(f"partitions must index into the {n} train samples")
+
+    @property
+    def num_partitions(self) -> int:
+        """Number of clients the train split is partitioned over."""
+        return len(self.partitions)
+
+    def client_dataset(self, partition_id: int) -> TensorDataset:
+        """Return the train samples of one client.
+
+        Parameters
+        ----------
+        partition_id : int
+            The client's partition, in ``[0, num_partitions)``; Flower's
+            simulation runtime passes it as the ``partition-id`` node config.
+
+        Returns
+        -------
+        TensorDataset
+            ``(x, y)`` pairs of the partition (a copy, so clients cannot alter
+            each other's data).
+        """
+        if not 0 <= partition_id < self.num_partitions:
+            raise ValueError(
+                f"partition_id must be in [0, {self.num_partitions}), got {partition_id}"
+            )
+        idx = self.partitions[partition_id]
+        return TensorDataset(self.central.train_x[idx], self.central.train_y[idx])
+
+    def test_dataset(self) -> TensorDataset:
+        """Return the held-out test split, for centralized evaluation."""
+        return TensorDataset(self.central.test_x, self.central.test_y)
+
+
+def build_federated_data(
+    *,
+    dataset: str,
+    partitioner: str,
+    num_clients: int,
+    seed: int,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    test_fraction: float = 0.2,
+    synthetic_alpha: float = 1.0,
+    synthetic_beta: float = 1.0,
+) -> FederatedData:
+    """Load a dataset and partition its train split over ``num_clients`` clients.
+
+    Nothing is cached here; callers that build the same data repeatedly cache it.
+
+    Parameters
+    ----------
+    dataset : str
+        ``"digits"`` and ``"synthetic"`` work offline; ``"mnist"``, ``"emnist"``
+        and ``"cifar10"`` download from the Hugging Face Hub.
+    partitioner : str
+        ``"iid"``, ``"dirichlet"`` or ``"shards"`` (see
+        :func:`~fedsim.data.partition.partition_indices`), or ``"natural"``: each
+        Synthetic client keeps the samples it generated. ``"natural"`` goes with
+        ``"synthetic"`` and only with it, since other datasets have no clients of
+        their own and Synthetic's clients are the point of the benchmark.
+    num_clients : int
+        Number of partitions.
+    seed : int
+        Seed of the train/test split, of Synthetic's generator and of the partitioner.
+    alpha : float
+        Dirichlet concentration for ``"dirichlet"``.
+    shards_per_client : int
+        Shards per client for ``"shards"``.
+    test_fraction : float
+        Held-out fraction for ``"digits"`` and ``"synthetic"``; the Hub datasets
+        keep their own test split.
+    synthetic_alpha, synthetic_beta : float
+        Synthetic(alpha, beta) heterogeneity of models and inputs.
+
+    Returns
+    -------
+    FederatedData
+        The dataset and its ``num_clients`` partitions.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
+    if partitioner not in PARTITIONERS:
+        raise ValueError(f"partitioner must be one of {list(PARTITIONERS)}, got {partitioner!r}")
+    if (dataset == "synthetic") != (partitioner == "natural"):
+        raise ValueError(
+            f'partitioner "natural" goes with dataset "synthetic" and only with it, '
+            f"got partitioner={partitioner!r} with dataset={dataset!r}"
+        )
+    if dataset == "synthetic":
+        central, natural = load_synthetic(
+            alpha=synthetic_alpha,
+            beta=synthetic_beta,
+            num_clients=num_clients,
+            seed=seed,
+            test_fraction=test_fraction,
+        )
+        return FederatedData(central=central, partitions=tuple(natural))
+    if dataset == "digits":
+        central = load_digits(test_fraction=test_fraction, seed=seed)
+    else:
+        central = load_flwr_dataset(dataset, seed=seed)
+    partitions = partition_indices(
+        central.train_y.numpy(),
+        scheme=partitioner,
+        num_partitions=num_clients,
+        seed=seed,
+        alpha=alpha,
+        shards_per_partition=shards_per_client,
+    )
+    return FederatedData(central=central, partitions=tuple(partitions))
