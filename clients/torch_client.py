@@ -110,6 +110,10 @@ class TorchClient:
         config = message.content.get(keys.CONFIG, ConfigRecord())
         model = self.model(message.content[keys.ARRAYS])
         dataset = self._partition(context)
+        if len(dataset) == 0:
+            # Label-skewed partitions can be empty; weight 0 makes the strategy ignore this reply.
+            empty = MetricRecord({keys.NUM_EXAMPLES: 0, keys.LOSS: 0.0, keys.ACCURACY: 0.0})
+            return Message(RecordDict({keys.METRICS: empty}), reply_to=message)
         metrics = evaluate(
             model,
             dataset,

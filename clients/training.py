@@ -14,17 +14,18 @@ def shuffled_batches(
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield one epoch of shuffled ``(inputs, targets)`` minibatches.
 
-    A ``TensorDataset`` is sliced with one permutation; any other dataset goes
-    through a ``DataLoader``, whose ``RandomSampler`` draws the very same
-    ``randperm`` from ``generator``, so both paths give identical batches. The
-    fast path matters: a DataLoader costs more than a small model's step.
+    Both paths follow one ``randperm`` drawn from ``generator``: a
+    ``TensorDataset`` is sliced with it directly (a DataLoader costs more than a
+    small model's step), any other dataset goes through a ``DataLoader`` that
+    visits the same order, so the two give identical batches.
     """
+    order = torch.randperm(len(dataset), generator=generator)  # type: ignore[arg-type]
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         inputs, targets = dataset.tensors
-        for index in torch.randperm(len(inputs), generator=generator).split(batch_size):
+        for index in order.split(batch_size):
             yield inputs[index], targets[index]
     else:
-        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+        yield from DataLoader(dataset, batch_size=batch_size, sampler=order.tolist())
 
 
 def ordered_batches(dataset: Dataset, *, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 from fedsim.config import ConfigError, RunConfig, load_config
@@ -25,13 +26,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.set)
     except ConfigError as exc:
-        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False)
+        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     from fedsim.runner import run_experiment  # heavy imports only once the config is valid
 
-    # Flower logs every round at INFO; fedsim's progress bar and files replace that.
-    # (Set after the import above: importing flwr resets its logger's level.)
-    logging.getLogger("flwr").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    _configure_logging(console, verbose=args.verbose)
 
     try:
         summary = run_experiment(config)
@@ -49,6 +48,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     _print_summary(console, config, summary)
     return 0
+
+
+def _configure_logging(console: Console, *, verbose: bool) -> None:
+    """Show fedsim's warnings (skipped replies) and, with --verbose, Flower's INFO logs.
+
+    Flower logs each round at INFO and deprecation notices at WARNING; fedsim's
+    progress bar and result files replace both. Called after importing flwr,
+    whose import resets its logger's level.
+    """
+    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
+    fedsim_logger = logging.getLogger("fedsim")
+    fedsim_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not fedsim_logger.handlers:
+        fedsim_logger.addHandler(RichHandler(console=console, show_path=False))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -33,8 +33,8 @@ class WeightedMean:
 
     def check(self, values: Mapping[str, np.ndarray], weight: float) -> None:
         """Raise :class:`InvalidReplyError` if ``add(values, weight)`` would be rejected."""
-        if not (isinstance(weight, int | float) and np.isfinite(weight) and weight > 0):
-            raise InvalidReplyError(f"weight must be a positive finite number, got {weight!r}")
+        if not (isinstance(weight, int | float) and np.isfinite(weight) and weight >= 0):
+            raise InvalidReplyError(f"weight must be a finite number >= 0, got {weight!r}")
         shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
         if set(values) != set(shapes):
             missing, extra = sorted(set(shapes) - set(values)), sorted(set(values) - set(shapes))
@@ -48,8 +48,13 @@ class WeightedMean:
                 raise InvalidReplyError(f"{name!r} contains NaN or infinity")
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
-        """Add ``weight * values``; if invalid, raise and change nothing."""
+        """Add ``weight * values``; if invalid, raise and change nothing.
+
+        A zero weight (a client without examples) is valid and contributes nothing.
+        """
         self.check(values, weight)
+        if weight == 0:
+            return
         shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
         self._shapes = shapes
         for name, value in values.items():

@@ -11,7 +11,7 @@ Flower's message-based FedAvg with two changes that matter in simulation:
 """
 
 from collections.abc import Iterable
-from logging import DEBUG, WARNING
+import logging
 
 import numpy as np
 from fedsim.strategies.aggregation import (
@@ -24,10 +24,11 @@ from fedsim.strategies.aggregation import (
     to_metric_record,
 )
 from fedsim.strategies.sampling import available_nodes, sample_cohort
+
+logger = logging.getLogger(__name__)
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.supercore import log
 
 from fedsim import keys
 from fedsim.seeding import SERVER_NODE, numpy_rng
@@ -73,7 +74,7 @@ class FedAvg(FlowerFedAvg):
         size = min(max(int(len(node_ids) * fraction), minimum), len(node_ids))
         rng = numpy_rng(self.seed, server_round, SERVER_NODE, f"sample-{message_type}")
         cohort = sample_cohort(node_ids, size, rng)
-        log(DEBUG, "%s: sampled %d of %d nodes", message_type, len(cohort), len(node_ids))
+        logger.debug("%s: sampled %d of %d nodes", message_type, len(cohort), len(node_ids))
         record[self.configrecord_key][keys.SERVER_ROUND] = server_round
         return [Message(record, node_id, message_type) for node_id in cohort]
 
@@ -143,4 +144,4 @@ class FedAvg(FlowerFedAvg):
 
 
 def _reject(reply: Message, reason: str) -> None:
-    log(WARNING, "Skipping reply from node %d: %s", reply.metadata.src_node_id, reason)
+    logger.warning("Skipping reply from node %d: %s", reply.metadata.src_node_id, reason)

@@ -2,11 +2,12 @@
 
 import time
 from collections.abc import Sequence
-from logging import INFO
+import logging
 
 import numpy as np
 from flwr.serverapp import Grid
-from flwr.supercore import log
+
+logger = logging.getLogger(__name__)
 
 
 def available_nodes(grid: Grid, minimum: int, *, poll_s: float = 1.0) -> Sequence[int]:
@@ -22,7 +23,7 @@ def available_nodes(grid: Grid, minimum: int, *, poll_s: float = 1.0) -> Sequenc
             node_ids = list(node_ids)
         if len(node_ids) >= minimum:
             return node_ids
-        log(INFO, "Waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
+        logger.info("Waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
         time.sleep(poll_s)
 
 

@@ -34,8 +34,8 @@ def test_weighted_mean_matches_hand_computation() -> None:
         ({"w": np.zeros(3)}, 1, "shape"),
         ({"v": np.zeros(2)}, 1, "missing"),
         ({"w": np.array([np.nan, 0.0])}, 1, "NaN"),
-        ({"w": np.zeros(2)}, 0, "positive"),
-        ({"w": np.zeros(2)}, float("inf"), "positive"),
+        ({"w": np.zeros(2)}, -1, ">= 0"),
+        ({"w": np.zeros(2)}, float("inf"), ">= 0"),
     ],
 )
 def test_weighted_mean_rejects_bad_terms_without_changing_the_sum(values, weight, message) -> None:
@@ -75,6 +75,13 @@ def test_fedavg_skips_failed_and_malformed_replies() -> None:
     arrays, metrics = strategy.aggregate_train(1, iter(replies))
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
     assert metrics == {"train_loss": 1.0}
+
+
+def test_weighted_mean_ignores_zero_weight_terms() -> None:
+    mean = WeightedMean()
+    mean.add({"w": np.array([1.0])}, 0)  # a client whose partition is empty
+    mean.add({"w": np.array([4.0])}, 2)
+    assert mean.mean()["w"][0] == 4.0 and mean.count == 1
 
 
 def test_fedavg_returns_none_when_every_reply_failed() -> None:
