@@ -78,7 +78,9 @@ class TorchClient:
         dataset = self._partition(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         seed, round_ = int(config.get(keys.SEED, 0)), int(config.get(keys.SERVER_ROUND, 0))
-        optimizer = self.task.optimizer_fn(model.parameters(), float(config.get(keys.LR, self.task.lr)))
+        optimizer = self.task.optimizer_fn(
+            model.parameters(), float(config.get(keys.LR, self.task.lr))
+        )
         # Dropout and other in-model randomness draw from torch's global RNG; seeding it
         # per (round, node) inside fork_rng makes a client's update independent of
         # which clients ran before it in this process.

@@ -52,7 +52,9 @@ def train_epochs(
     model.train()
     total, steps = 0.0, 0
     for _ in range(epochs):
-        for inputs, targets in shuffled_batches(dataset, batch_size=batch_size, generator=generator):
+        for inputs, targets in shuffled_batches(
+            dataset, batch_size=batch_size, generator=generator
+        ):
             optimizer.zero_grad()
             loss = loss_fn(model(inputs.to(device)), targets.to(device))
             loss.backward()

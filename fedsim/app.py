@@ -33,7 +33,7 @@ def _client(config: RunConfig) -> TorchClient:
 
 
 def client_app_for(resolve: ConfigResolver) -> ClientApp:
-    """A ClientApp that builds its task from the config ``resolve`` finds in the context."""
+    """Build a ClientApp whose task comes from the config ``resolve`` finds in the context."""
     app = ClientApp()
 
     @app.train()
@@ -47,8 +47,10 @@ def client_app_for(resolve: ConfigResolver) -> ClientApp:
     return app
 
 
-def server_app_for(resolve: ConfigResolver, *, engine: str, summaries: list | None = None) -> ServerApp:
-    """A ServerApp that runs the resolved config on whatever grid Flower provides."""
+def server_app_for(
+    resolve: ConfigResolver, *, engine: str, summaries: list | None = None
+) -> ServerApp:
+    """Build a ServerApp that runs the resolved config on whatever grid Flower provides."""
     app = ServerApp()
 
     @app.main()

@@ -40,10 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the edge turns any failure into one line
         if args.debug:
             raise
+        partial = (config.run_dir / "metrics.jsonl").exists()
+        where = f"; results so far are in {config.run_dir}/" if partial else ""
         console.print(
-            f"[red]fedsim: run failed:[/red] {type(exc).__name__}: {exc}\n"
-            f"results so far are in {config.run_dir}/; rerun with --debug for the traceback",
+            f"[red]fedsim: run failed:[/red] {type(exc).__name__}: {exc}{where} "
+            "(rerun with --debug for the traceback)",
             highlight=False,
+            soft_wrap=True,
         )
         return EXIT_FAILED
     _print_summary(console, config, summary)
@@ -80,7 +83,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:
     table = Table(title=f"fedsim run '{config.name}'", show_header=False)
-    for key in ("status", "engine", "rounds", "accuracy", "best_accuracy", "loss", "failures", "wall_time_s"):
+    for key in (
+        "status",
+        "engine",
+        "rounds",
+        "accuracy",
+        "best_accuracy",
+        "loss",
+        "failures",
+        "wall_time_s",
+    ):
         value = summary.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("results", f"{config.run_dir}/")

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 def _rule(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
-    """A dataclass field whose value must satisfy ``check`` (described by ``allowed``)."""
+    """Declare a dataclass field whose value must satisfy ``check`` (described by ``allowed``)."""
     return field(default=default, metadata={"check": check, "allowed": allowed})
 
 
@@ -82,7 +82,9 @@ class ClientConfig:
     lr: float = _positive(0.05)
     local_epochs: int = _at_least(1, 1)
     batch_size: int = _at_least(32, 1)
-    device: str = _rule("cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'cpu', 'cuda', 'cuda:N' or 'mps'")
+    device: str = _rule(
+        "cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'cpu', 'cuda', 'cuda:N' or 'mps'"
+    )
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,9 @@ class EngineConfig:
 class RunConfig:
     """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
 
-    name: str = _rule("fedsim", lambda v: bool(_NAME.fullmatch(v)), "letters, digits, '.', '_', '-'")
+    name: str = _rule(
+        "fedsim", lambda v: bool(_NAME.fullmatch(v)), "letters, digits, '.', '_', '-'"
+    )
     seed: int = _at_least(0, 0)
     rounds: int = _at_least(10, 1)
     eval_every: int = _at_least(1, 1)
@@ -234,4 +238,3 @@ def _check_value(key: str, value: Any, hint: Any, metadata: Mapping[str, Any]) -
     if "check" in metadata and not metadata["check"](value):
         raise ConfigError(f"{key} = {value!r} is out of range; expected {metadata['allowed']}")
     return value
-

@@ -45,7 +45,7 @@ def federated_data(data: DataConfig, seed: int) -> FederatedData:
 
 
 def build_task(config: RunConfig) -> TorchTask:
-    """The client-side task of a config: model, loss, partitions, hyperparameters."""
+    """Build the client-side task of a config: model, loss, partitions, hyperparameters."""
     data = federated_data(config.data, config.seed)
 
     def load_partition(partition_id: int, num_partitions: int) -> Dataset:
@@ -71,7 +71,7 @@ def build_task(config: RunConfig) -> TorchTask:
 
 
 def build_strategy(config: RunConfig) -> FedAvg:
-    """The config's strategy, with cohorts given as absolute sizes."""
+    """Build the config's strategy, with cohorts given as absolute sizes."""
     population = config.data.num_clients
     train, evaluate_ = config.strategy.clients_per_round, config.strategy.evaluate_clients
     return FedAvg(
@@ -85,7 +85,7 @@ def build_strategy(config: RunConfig) -> FedAvg:
 
 
 def train_config(config: RunConfig) -> ConfigRecord:
-    """What the server sends clients each round (the strategy adds the round)."""
+    """Return what the server sends clients each round (the strategy adds the round)."""
     return ConfigRecord(
         {
             keys.SEED: config.seed,
@@ -97,7 +97,7 @@ def train_config(config: RunConfig) -> ConfigRecord:
 
 
 def initial_arrays(task: TorchTask, seed: int) -> ArrayRecord:
-    """The global model before round 1, initialized from the run's seed alone."""
+    """Return the global model before round 1, initialized from the run's seed alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, 0, SERVER_NODE, "init"))
         return ArrayRecord(task.model_fn().state_dict())
@@ -131,14 +131,18 @@ def run_on_grid(config: RunConfig, grid: Grid, *, engine: str) -> dict[str, Any]
         with contextlib.ExitStack() as stack:
             observers: list[RoundObserver] = [recorder]
             if config.progress:
-                observers.append(stack.enter_context(ProgressBar(config.rounds, description=config.name)))
+                observers.append(
+                    stack.enter_context(ProgressBar(config.rounds, description=config.name))
+                )
             arrays = run_rounds(
                 strategy=build_strategy(config),
                 grid=grid,
                 initial_arrays=initial_arrays(task, config.seed),
                 num_rounds=config.rounds,
                 train_config=train_config(config),
-                evaluate_fn=central_evaluator(task, federated_data(config.data, config.seed).test_dataset()),
+                evaluate_fn=central_evaluator(
+                    task, federated_data(config.data, config.seed).test_dataset()
+                ),
                 eval_every=config.eval_every,
                 timeout=config.engine.timeout_s,
                 observers=observers,

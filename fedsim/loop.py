@@ -34,7 +34,7 @@ class RoundReport:
     elapsed_s: float = 0.0
 
     def as_row(self) -> dict[str, object]:
-        """A flat JSON-ready row: ``train_*``, ``evaluate_*``, ``central_*`` metrics."""
+        """Return a flat JSON-ready row with ``train_*``, ``evaluate_*``, ``central_*`` metrics."""
         row = {k: v for k, v in asdict(self).items() if k not in ("train", "evaluate", "central")}
         for group in ("train", "evaluate", "central"):
             row.update({f"{group}_{k}": v for k, v in getattr(self, group).items()})
@@ -89,7 +89,9 @@ def run_rounds(
         result = evaluate_fn(round_, arrays) if (evaluate_fn and due) else None
         return dict(result or {})
 
-    _notify(observers, RoundReport(round=0, num_rounds=num_rounds, central=central(0, initial_arrays)))
+    _notify(
+        observers, RoundReport(round=0, num_rounds=num_rounds, central=central(0, initial_arrays))
+    )
     arrays = initial_arrays
     for round_ in range(1, num_rounds + 1):
         round_start = time.perf_counter()
@@ -103,7 +105,9 @@ def run_rounds(
         evaluate_metrics = strategy.aggregate_evaluate(
             round_,
             grid.send_and_receive(
-                strategy.configure_evaluate(round_, arrays, evaluate_config or ConfigRecord(), grid),
+                strategy.configure_evaluate(
+                    round_, arrays, evaluate_config or ConfigRecord(), grid
+                ),
                 timeout=timeout,
             ),
         )

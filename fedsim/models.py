@@ -14,7 +14,7 @@ MODEL_NAMES = ("cnn", "mlp", "logreg")
 
 
 def cnn(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
-    """Two 3x3 conv blocks (16 and 32 channels, each halving the resolution), then two linear layers."""
+    """Two 3x3 conv blocks (16, 32 channels; each halves the resolution), then two linears."""
     channels, height, width = _image_shape(input_shape)
     flat = 32 * (height // 4) * (width // 4)
     return nn.Sequential(
@@ -29,7 +29,10 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> 
 def mlp(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
     """One hidden ReLU layer over the flattened input."""
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(prod(input_shape), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        nn.Flatten(),
+        nn.Linear(prod(input_shape), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
     )
 
 

@@ -18,7 +18,9 @@ from fedsim.loop import RoundReport
 class ProgressBar:
     """Rich progress bar fed by :class:`RoundReport`; use as a context manager."""
 
-    def __init__(self, num_rounds: int, *, description: str, console: Console | None = None) -> None:
+    def __init__(
+        self, num_rounds: int, *, description: str, console: Console | None = None
+    ) -> None:
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -37,7 +39,10 @@ class ProgressBar:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self._progress.stop()
 

@@ -21,7 +21,7 @@ PLOT_FILE = "metrics.png"
 
 
 class RunRecorder:
-    """Write ``runs/<name>/``: ``config.json``, ``metrics.jsonl``, ``summary.json``, ``metrics.png``."""
+    """Write ``runs/<name>/``: config.json, metrics.jsonl, summary.json, metrics.png."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config

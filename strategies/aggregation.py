@@ -38,7 +38,9 @@ class WeightedMean:
         shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
         if set(values) != set(shapes):
             missing, extra = sorted(set(shapes) - set(values)), sorted(set(values) - set(shapes))
-            raise InvalidReplyError(f"entries differ from the model: missing {missing}, extra {extra}")
+            raise InvalidReplyError(
+                f"entries differ from the model: missing {missing}, extra {extra}"
+            )
         for name, value in values.items():
             if np.shape(value) != tuple(shapes[name]):
                 raise InvalidReplyError(

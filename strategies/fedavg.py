@@ -10,10 +10,16 @@ Flower's message-based FedAvg with two changes that matter in simulation:
   reply (wrong shape, NaN, missing weight) is skipped instead of failing the round.
 """
 
-from collections.abc import Iterable
 import logging
+from collections.abc import Iterable
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from fedsim import keys
+from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.aggregation import (
     InvalidReplyError,
     WeightedMean,
@@ -26,12 +32,6 @@ from fedsim.strategies.aggregation import (
 from fedsim.strategies.sampling import available_nodes, sample_cohort
 
 logger = logging.getLogger(__name__)
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-
-from fedsim import keys
-from fedsim.seeding import SERVER_NODE, numpy_rng
 
 
 class FedAvg(FlowerFedAvg):
@@ -116,9 +116,7 @@ class FedAvg(FlowerFedAvg):
     ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Split a reply into (weight, metrics, arrays), checking its structure."""
         if len(content.metric_records) != 1:
-            raise InvalidReplyError(
-                f"expected one MetricRecord, got {len(content.metric_records)}"
-            )
+            raise InvalidReplyError(f"expected one MetricRecord, got {len(content.metric_records)}")
         metric_record = next(iter(content.metric_records.values()))
         if self.weighted_by_key not in metric_record:
             raise InvalidReplyError(f"MetricRecord lacks the weight {self.weighted_by_key!r}")

@@ -1,8 +1,8 @@
 """Seeded cohort sampling that never lists the whole population."""
 
+import logging
 import time
 from collections.abc import Sequence
-import logging
 
 import numpy as np
 from flwr.serverapp import Grid

@@ -9,7 +9,7 @@ from flwr.common.constant import ErrorCode
 
 from fedsim.strategies import FedAvg
 from fedsim.strategies.aggregation import InvalidReplyError, WeightedMean
-from tests.conftest import arrays_record, reply
+from tests.conftest import reply
 
 
 def _fedavg_with_model(**shapes: tuple[int, ...]) -> FedAvg:
@@ -50,11 +50,17 @@ def test_weighted_mean_rejects_bad_terms_without_changing_the_sum(values, weight
 def test_fedavg_aggregates_arrays_and_metrics_weighted_by_examples() -> None:
     strategy = _fedavg_with_model(w=(2,), b=(1,))
     replies = [
-        reply(2, {"w": np.array([0.0, 4.0], np.float32), "b": np.array([1.0], np.float32)},
-              **{"num-examples": 10, "train_loss": 1.0}),
-        reply(3, {"w": np.array([4.0, 0.0], np.float32), "b": np.array([3.0], np.float32)},
-              **{"num-examples": 30, "train_loss": 3.0}),
-    ]  # fmt: skip
+        reply(
+            2,
+            {"w": np.array([0.0, 4.0], np.float32), "b": np.array([1.0], np.float32)},
+            **{"num-examples": 10, "train_loss": 1.0},
+        ),
+        reply(
+            3,
+            {"w": np.array([4.0, 0.0], np.float32), "b": np.array([3.0], np.float32)},
+            **{"num-examples": 30, "train_loss": 3.0},
+        ),
+    ]
     arrays, metrics = strategy.aggregate_train(1, iter(replies))
     # w = (10*[0,4] + 30*[4,0]) / 40 = [3, 1];  b = (10*1 + 30*3) / 40 = 2.5;  loss likewise 2.5
     np.testing.assert_array_equal(arrays["w"].numpy(), [3.0, 1.0])
@@ -64,11 +70,15 @@ def test_fedavg_aggregates_arrays_and_metrics_weighted_by_examples() -> None:
 
 def test_fedavg_skips_failed_and_malformed_replies() -> None:
     strategy = _fedavg_with_model(w=(2,))
-    good = reply(2, {"w": np.array([2.0, 2.0], np.float32)}, **{"num-examples": 5, "train_loss": 1.0})
+    good = reply(
+        2, {"w": np.array([2.0, 2.0], np.float32)}, **{"num-examples": 5, "train_loss": 1.0}
+    )
     instruction = Message(RecordDict(), 3, "train")
     failed = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom"), reply_to=instruction)
     wrong_shape = reply(4, {"w": np.zeros(3, np.float32)}, **{"num-examples": 5, "train_loss": 1.0})
-    nan = reply(5, {"w": np.array([np.nan, 0], np.float32)}, **{"num-examples": 5, "train_loss": 1.0})
+    nan = reply(
+        5, {"w": np.array([np.nan, 0], np.float32)}, **{"num-examples": 5, "train_loss": 1.0}
+    )
     no_weight = reply(6, {"w": np.zeros(2, np.float32)}, train_loss=1.0)
     other_metrics = reply(7, {"w": np.zeros(2, np.float32)}, **{"num-examples": 5, "other": 1.0})
     replies = [failed, good, wrong_shape, nan, no_weight, other_metrics]
@@ -105,8 +115,11 @@ def _peak_aggregation_bytes(cohort: int, size: int) -> int:
     def replies():  # produced lazily, as an engine streams them
         rng = np.random.default_rng(0)
         for node in range(cohort):
-            yield reply(node + 2, {"w": rng.standard_normal(size).astype(np.float32)},
-                        **{"num-examples": 1, "train_loss": 0.0})  # fmt: skip
+            yield reply(
+                node + 2,
+                {"w": rng.standard_normal(size).astype(np.float32)},
+                **{"num-examples": 1, "train_loss": 0.0},
+            )
 
     tracemalloc.start()
     arrays, _ = strategy.aggregate_train(1, replies())
@@ -122,5 +135,7 @@ def test_aggregation_memory_does_not_grow_with_the_cohort() -> None:
     # temporaries not yet collected, independent of the cohort size.
     size, model_bytes = 250_000, 250_000 * 4
     peak_40, peak_200 = _peak_aggregation_bytes(40, size), _peak_aggregation_bytes(200, size)
-    assert peak_200 < 1.3 * peak_40, f"peak grew from {peak_40/1e6:.0f} to {peak_200/1e6:.0f} MB"
+    assert peak_200 < 1.3 * peak_40, (
+        f"peak grew from {peak_40 / 1e6:.0f} to {peak_200 / 1e6:.0f} MB"
+    )
     assert peak_200 < 0.25 * 200 * model_bytes

@@ -17,9 +17,15 @@ from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, initial_arrays, run_on_grid
 
 SMALL = [
-    "--set", "rounds=3", "--set", "data.num_clients=20", "--set", "strategy.clients_per_round=5",
-    "--set", "progress=false",
-]  # fmt: skip
+    "--set",
+    "rounds=3",
+    "--set",
+    "data.num_clients=20",
+    "--set",
+    "strategy.clients_per_round=5",
+    "--set",
+    "progress=false",
+]
 DEMO = "experiments/configs/demo.toml"
 
 
@@ -41,7 +47,9 @@ def test_a_run_leaves_metrics_summary_plot_and_model(tmp_path: Path) -> None:
     assert summary["wall_time_s"] > 0
     assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "config.json").read_text())["data"]["num_clients"] == 20
-    assert set(torch.load(run_dir / "model.pt")) == set(build_task(parse_config({})).model_fn().state_dict())
+    assert set(torch.load(run_dir / "model.pt")) == set(
+        build_task(parse_config({})).model_fn().state_dict()
+    )
 
 
 def test_same_seed_gives_bit_identical_weights_other_seed_does_not(tmp_path: Path) -> None:
@@ -57,8 +65,16 @@ def _grid_with(client_app: ClientApp, config) -> InlineGrid:
 
 
 def _config(tmp_path: Path):
-    return parse_config({"rounds": 4, "output_dir": str(tmp_path), "name": "f", "progress": False,
-                         "data": {"num_clients": 10}, "strategy": {"clients_per_round": 3}})  # fmt: skip
+    return parse_config(
+        {
+            "rounds": 4,
+            "output_dir": str(tmp_path),
+            "name": "f",
+            "progress": False,
+            "data": {"num_clients": 10},
+            "strategy": {"clients_per_round": 3},
+        }
+    )
 
 
 def test_failing_clients_are_counted_and_leave_the_model_unchanged(tmp_path: Path) -> None:
@@ -96,16 +112,34 @@ def test_an_interrupted_run_keeps_its_rounds_and_says_so(tmp_path: Path) -> None
     assert json.loads((config.run_dir / "summary.json").read_text())["status"] == "interrupted"
 
 
-def test_an_offline_real_dataset_fails_in_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code = main(["run", DEMO, *SMALL, "--set", f"output_dir={tmp_path}", "--set", "data.dataset=mnist"])
-    err = capsys.readouterr().err
-    assert code == 1 and "Traceback" not in err
-    assert "DatasetUnavailableError" in err and "mnist" in err
+def test_an_offline_real_dataset_fails_in_one_line(tmp_path: Path) -> None:
+    # A subprocess, because huggingface_hub reads its offline switches at import.
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedsim.cli",
+            "run",
+            DEMO,
+            *SMALL,
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "data.dataset=mnist",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "DatasetUnavailableError" in done.stderr and "mnist" in done.stderr
 
 
 @pytest.mark.slow
@@ -123,12 +157,35 @@ def test_flowers_run_simulation_gives_the_inline_model_bit_for_bit(tmp_path: Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for engine in ("inline", "flower"):
         subprocess.run(
-            [sys.executable, "-m", "fedsim.cli", "run", DEMO, "--set", "rounds=2",
-             "--set", "data.num_clients=4", "--set", "strategy.clients_per_round=4",
-             "--set", f"engine.name={engine}", "--set", f"name={engine}",
-             "--set", f"output_dir={tmp_path}", "--set", "progress=false"],
-            check=True, env=env, timeout=300, capture_output=True,
-        )  # fmt: skip
-    inline, flower = torch.load(tmp_path / "inline" / "model.pt"), torch.load(tmp_path / "flower" / "model.pt")
+            [
+                sys.executable,
+                "-m",
+                "fedsim.cli",
+                "run",
+                DEMO,
+                "--set",
+                "rounds=2",
+                "--set",
+                "data.num_clients=4",
+                "--set",
+                "strategy.clients_per_round=4",
+                "--set",
+                f"engine.name={engine}",
+                "--set",
+                f"name={engine}",
+                "--set",
+                f"output_dir={tmp_path}",
+                "--set",
+                "progress=false",
+            ],
+            check=True,
+            env=env,
+            timeout=300,
+            capture_output=True,
+        )
+    inline, flower = (
+        torch.load(tmp_path / "inline" / "model.pt"),
+        torch.load(tmp_path / "flower" / "model.pt"),
+    )
     assert all(torch.equal(inline[k], flower[k]) for k in inline)
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["engine"] == "flower"

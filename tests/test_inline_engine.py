@@ -101,12 +101,16 @@ def test_node_context_persists_across_rounds() -> None:
     def train(message: Message, context: Context) -> Message:
         state = context.state.setdefault("counter", MetricRecord({"n": 0}))
         state["n"] = state["n"] + 1
-        return Message(RecordDict({"m": MetricRecord({"num-examples": state["n"]})}), reply_to=message)
+        return Message(
+            RecordDict({"m": MetricRecord({"num-examples": state["n"]})}), reply_to=message
+        )
 
     grid = InlineGrid(app, num_nodes=10)
     node = FIRST_NODE_ID + 5
-    counts = [next(iter(grid.send_and_receive([_message(node)]))).content["m"]["num-examples"]
-              for _ in range(3)]  # fmt: skip
+    counts = [
+        next(iter(grid.send_and_receive([_message(node)]))).content["m"]["num-examples"]
+        for _ in range(3)
+    ]
     assert counts == [1, 2, 3]
     assert grid.nodes.num_materialized == 1
 
@@ -149,8 +153,11 @@ _RSS_PROBE = textwrap.dedent(
 def _peak_rss_mb(population: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _RSS_PROBE, str(population)],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -44,14 +44,19 @@ def _two_class_images(partition_id: int, num_partitions: int) -> Dataset:
 )
 def test_any_architecture_trains_through_fedavg(model_fn) -> None:
     task = TorchTask(
-        model_fn=model_fn, loss_fn=nn.CrossEntropyLoss(), load_partition=_two_class_images,
-        lr=0.1, local_epochs=2, batch_size=8,
-    )  # fmt: skip
+        model_fn=model_fn,
+        loss_fn=nn.CrossEntropyLoss(),
+        load_partition=_two_class_images,
+        lr=0.1,
+        local_epochs=2,
+        batch_size=8,
+    )
     grid = InlineGrid(make_client_app(task), num_nodes=6)
     torch.manual_seed(0)
     initial = ArrayRecord(model_fn().state_dict())
-    strategy = FedAvg(seed=0, fraction_train=0.5, min_train_nodes=3, fraction_evaluate=1.0,
-                      min_evaluate_nodes=6)  # fmt: skip
+    strategy = FedAvg(
+        seed=0, fraction_train=0.5, min_train_nodes=3, fraction_evaluate=1.0, min_evaluate_nodes=6
+    )
     result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=5)
     assert result.evaluate_metrics_clientapp[5]["accuracy"] > 0.95
     first, last = result.train_metrics_clientapp[1], result.train_metrics_clientapp[5]
@@ -59,11 +64,20 @@ def test_any_architecture_trains_through_fedavg(model_fn) -> None:
 
 
 def test_client_keeps_its_participation_count_in_context_state() -> None:
-    task = TorchTask(model_fn=lambda: nn.Linear(64, 2), loss_fn=nn.CrossEntropyLoss(),
-                     load_partition=lambda p, n: TensorDataset(torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)))  # fmt: skip
+    task = TorchTask(
+        model_fn=lambda: nn.Linear(64, 2),
+        loss_fn=nn.CrossEntropyLoss(),
+        load_partition=lambda p, n: TensorDataset(
+            torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)
+        ),
+    )
     grid = InlineGrid(make_client_app(task), num_nodes=2)
-    content = RecordDict({"arrays": ArrayRecord(nn.Linear(64, 2).state_dict()),
-                          "config": ConfigRecord({"server-round": 1})})  # fmt: skip
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(nn.Linear(64, 2).state_dict()),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
     node = grid.get_node_ids()[1]
     for _ in range(3):
         (reply,) = grid.send_and_receive([Message(content, node, "train")])
@@ -84,10 +98,16 @@ class _ListDataset(Dataset):
 
 def test_tensor_fast_path_yields_the_same_batches_as_the_dataloader_reference() -> None:
     x, y = torch.randn(50, 3), torch.arange(50)
-    fast = list(shuffled_batches(TensorDataset(x, y), batch_size=8,
-                                 generator=torch.Generator().manual_seed(3)))  # fmt: skip
-    reference = list(shuffled_batches(_ListDataset(x, y), batch_size=8,
-                                      generator=torch.Generator().manual_seed(3)))  # fmt: skip
+    fast = list(
+        shuffled_batches(
+            TensorDataset(x, y), batch_size=8, generator=torch.Generator().manual_seed(3)
+        )
+    )
+    reference = list(
+        shuffled_batches(
+            _ListDataset(x, y), batch_size=8, generator=torch.Generator().manual_seed(3)
+        )
+    )
     assert len(fast) == len(reference) == 7
     for (fx, fy), (rx, ry) in zip(fast, reference, strict=True):
         assert torch.equal(fx, rx) and torch.equal(fy, ry)
@@ -101,8 +121,13 @@ def test_evaluate_matches_hand_computed_loss_and_accuracy() -> None:
         model.weight.copy_(torch.tensor([[0.0], [1.0]]))
     x = torch.tensor([[2.0], [-1.0], [3.0]])
     y = torch.tensor([1, 1, 0])  # correct, wrong, wrong
-    metrics = evaluate(model, TensorDataset(x, y), loss_fn=nn.CrossEntropyLoss(), batch_size=2,
-                       device=torch.device("cpu"))  # fmt: skip
+    metrics = evaluate(
+        model,
+        TensorDataset(x, y),
+        loss_fn=nn.CrossEntropyLoss(),
+        batch_size=2,
+        device=torch.device("cpu"),
+    )
     logits = torch.cat([torch.zeros(3, 1), x], dim=1)
     expected = nn.functional.cross_entropy(logits, y).item()
     assert metrics["accuracy"] == pytest.approx(1 / 3)
@@ -110,10 +135,15 @@ def test_evaluate_matches_hand_computed_loss_and_accuracy() -> None:
 
 
 def test_missing_partition_id_is_explained() -> None:
-    task = TorchTask(model_fn=lambda: nn.Linear(2, 2), loss_fn=nn.CrossEntropyLoss(),
-                     load_partition=_two_class_images)  # fmt: skip
+    task = TorchTask(
+        model_fn=lambda: nn.Linear(2, 2),
+        loss_fn=nn.CrossEntropyLoss(),
+        load_partition=_two_class_images,
+    )
     app = make_client_app(task)
-    content = RecordDict({"arrays": ArrayRecord(nn.Linear(2, 2).state_dict()), "config": ConfigRecord()})
+    content = RecordDict(
+        {"arrays": ArrayRecord(nn.Linear(2, 2).state_dict()), "config": ConfigRecord()}
+    )
     message = Message(content, 5, "train")
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(KeyError, match="--node-config 'partition-id=<i> num-partitions=<n>'"):

@@ -53,7 +53,9 @@ def run_client_app(client_app: ClientApp, message: Message, context: Context) ->
         reason = f"ClientApp returned {type(reply).__name__}, expected a Message"
         return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
     if reply.metadata.reply_to_message_id != message.metadata.message_id:
-        reason = "ClientApp replied to another message; build replies with Message(..., reply_to=msg)"
+        reason = (
+            "ClientApp replied to another message; build replies with Message(..., reply_to=msg)"
+        )
         return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
     if reply.has_content() and (bad := _non_finite_metric(reply.content)):
         return error_reply(
