@@ -89,3 +89,16 @@ def test_config_error_is_a_value_error() -> None:
     with pytest.raises(ValueError, match="rounds"):
         parse_config({"rounds": -3})
     assert issubclass(ConfigError, ValueError)
+
+
+def test_config_choices_match_what_the_library_builds() -> None:
+    import typing
+
+    from fedsim.config import DataConfig, ModelConfig
+    from fedsim.data.federated import DATASETS, PARTITIONERS
+    from fedsim.models import MODEL_NAMES
+
+    hints = typing.get_type_hints(DataConfig)
+    assert typing.get_args(hints["dataset"]) == DATASETS
+    assert set(typing.get_args(hints["partitioner"])) == set(PARTITIONERS)
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["name"]) == MODEL_NAMES

@@ -35,6 +35,13 @@ def _run(tmp_path: Path, name: str, *extra: str) -> Path:
     return tmp_path / name
 
 
+def _cli_subprocess(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run ``fedsim`` in a fresh interpreter (own env vars, torch threads, Ray)."""
+    command = [sys.executable, "-m", "fedsim.cli", "run", DEMO, "--set", "progress=false", *args]
+    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
 def test_a_run_leaves_metrics_summary_plot_and_model(tmp_path: Path) -> None:
     run_dir = _run(tmp_path, "small")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -114,29 +121,9 @@ def test_an_interrupted_run_keeps_its_rounds_and_says_so(tmp_path: Path) -> None
 
 def test_an_offline_real_dataset_fails_in_one_line(tmp_path: Path) -> None:
     # A subprocess, because huggingface_hub reads its offline switches at import.
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"),
-    }
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedsim.cli",
-            "run",
-            DEMO,
-            *SMALL,
-            "--set",
-            f"output_dir={tmp_path}",
-            "--set",
-            "data.dataset=mnist",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = _cli_subprocess(
+        *SMALL, "--set", f"output_dir={tmp_path}", "--set", "data.dataset=mnist", env=offline
     )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "DatasetUnavailableError" in done.stderr and "mnist" in done.stderr
@@ -154,35 +141,14 @@ def test_flowers_run_simulation_gives_the_inline_model_bit_for_bit(tmp_path: Pat
     # Full participation, so the cohort does not depend on Flower's random node ids;
     # client seeds key on partition-id. Ray's workers run torch on one thread, so the
     # inline run does too (thread count changes float reduction order in kernels).
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for engine in ("inline", "flower"):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedsim.cli",
-                "run",
-                DEMO,
-                "--set",
-                "rounds=2",
-                "--set",
-                "data.num_clients=4",
-                "--set",
-                "strategy.clients_per_round=4",
-                "--set",
-                f"engine.name={engine}",
-                "--set",
-                f"name={engine}",
-                "--set",
-                f"output_dir={tmp_path}",
-                "--set",
-                "progress=false",
-            ],
-            check=True,
-            env=env,
-            timeout=300,
-            capture_output=True,
-        )
+        done = _cli_subprocess(
+            "--set", "rounds=2", "--set", "data.num_clients=4",
+            "--set", "strategy.clients_per_round=4",
+            "--set", f"engine.name={engine}", "--set", f"name={engine}",
+            "--set", f"output_dir={tmp_path}", env={"OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
     inline, flower = (
         torch.load(tmp_path / "inline" / "model.pt"),
         torch.load(tmp_path / "flower" / "model.pt"),
