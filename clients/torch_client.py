@@ -1,7 +1,8 @@
 """A Flower ``ClientApp`` around any PyTorch model, loss and data partition."""
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -73,13 +74,13 @@ class TorchClient:
 
     def train(self, message: Message, context: Context) -> Message:
         """Train the received model on this node's partition."""
-        config = message.content[keys.CONFIG]
-        model = self.model(message.content[keys.ARRAYS])
+        config = message.content.config_records[keys.CONFIG]
+        model = self.model(message.content.array_records[keys.ARRAYS])
         dataset = self._partition(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
-        seed, round_ = int(config.get(keys.SEED, 0)), int(config.get(keys.SERVER_ROUND, 0))
+        seed, round_ = _int(config, keys.SEED, 0), _int(config, keys.SERVER_ROUND, 0)
         optimizer = self.task.optimizer_fn(
-            model.parameters(), float(config.get(keys.LR, self.task.lr))
+            model.parameters(), cast(float, config.get(keys.LR, self.task.lr))
         )
         # Dropout and other in-model randomness draw from torch's global RNG; seeding it
         # per (round, node) inside fork_rng makes a client's update independent of
@@ -91,8 +92,8 @@ class TorchClient:
                 dataset,
                 loss_fn=self.task.loss_fn,
                 optimizer=optimizer,
-                epochs=int(config.get(keys.LOCAL_EPOCHS, self.task.local_epochs)),
-                batch_size=int(config.get(keys.BATCH_SIZE, self.task.batch_size)),
+                epochs=_int(config, keys.LOCAL_EPOCHS, self.task.local_epochs),
+                batch_size=_int(config, keys.BATCH_SIZE, self.task.batch_size),
                 generator=torch_generator(seed, round_, partition_id, "shuffle"),
                 device=self.device,
             )
@@ -101,7 +102,7 @@ class TorchClient:
             {
                 keys.ARRAYS: ArrayRecord(model.state_dict()),
                 keys.METRICS: MetricRecord(
-                    {keys.NUM_EXAMPLES: len(dataset), keys.TRAIN_LOSS: train_loss}
+                    {keys.NUM_EXAMPLES: len(cast(Sized, dataset)), keys.TRAIN_LOSS: train_loss}
                 ),
             }
         )
@@ -109,10 +110,11 @@ class TorchClient:
 
     def evaluate(self, message: Message, context: Context) -> Message:
         """Evaluate the received model on this node's partition."""
-        config = message.content.get(keys.CONFIG, ConfigRecord())
-        model = self.model(message.content[keys.ARRAYS])
+        config = message.content.config_records.get(keys.CONFIG, ConfigRecord())
+        model = self.model(message.content.array_records[keys.ARRAYS])
         dataset = self._partition(context)
-        if len(dataset) == 0:
+        num_examples = len(cast(Sized, dataset))
+        if num_examples == 0:
             # Label-skewed partitions can be empty; weight 0 makes the strategy ignore this reply.
             empty = MetricRecord({keys.NUM_EXAMPLES: 0, keys.LOSS: 0.0, keys.ACCURACY: 0.0})
             return Message(RecordDict({keys.METRICS: empty}), reply_to=message)
@@ -120,10 +122,10 @@ class TorchClient:
             model,
             dataset,
             loss_fn=self.task.loss_fn,
-            batch_size=int(config.get(keys.BATCH_SIZE, self.task.batch_size)),
+            batch_size=_int(config, keys.BATCH_SIZE, self.task.batch_size),
             device=self.device,
         )
-        record = MetricRecord({keys.NUM_EXAMPLES: len(dataset), **metrics})
+        record = MetricRecord({keys.NUM_EXAMPLES: num_examples, **metrics})
         return Message(RecordDict({keys.METRICS: record}), reply_to=message)
 
     def _partition(self, context: Context) -> Dataset:
@@ -140,8 +142,13 @@ class TorchClient:
 
 def _count_participation(context: Context) -> None:
     """Keep a per-node count of training rounds in ``Context.state``."""
-    state = context.state.setdefault(keys.CLIENT_STATE, ConfigRecord())
-    state[keys.ROUNDS_PARTICIPATED] = int(state.get(keys.ROUNDS_PARTICIPATED, 0)) + 1
+    state = context.state.config_records.setdefault(keys.CLIENT_STATE, ConfigRecord())
+    state[keys.ROUNDS_PARTICIPATED] = _int(state, keys.ROUNDS_PARTICIPATED, 0) + 1
+
+
+def _int(config: ConfigRecord, key: str, default: int) -> int:
+    """Read an integer entry; ConfigRecord values are typed as a wide union."""
+    return int(cast(int, config.get(key, default)))
 
 
 def make_client_app(task: TorchTask) -> ClientApp:

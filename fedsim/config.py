@@ -213,7 +213,7 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
     for key, value in raw.items():
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, prefix=f"{prefix}{key}.")
+            values[key] = _build(typing.cast(type, hint), value, prefix=f"{prefix}{key}.")
         else:
             values[key] = _check_value(f"{prefix}{key}", value, hint, fields[key].metadata)
     return cls(**values)

@@ -87,7 +87,7 @@ def run_rounds(
     def central(round_: int, arrays: ArrayRecord) -> dict[str, float]:
         due = round_ in (0, num_rounds) or round_ % eval_every == 0
         result = evaluate_fn(round_, arrays) if (evaluate_fn and due) else None
-        return dict(result or {})
+        return _floats(result)
 
     _notify(
         observers, RoundReport(round=0, num_rounds=num_rounds, central=central(0, initial_arrays))
@@ -114,8 +114,8 @@ def run_rounds(
         report = RoundReport(
             round=round_,
             num_rounds=num_rounds,
-            train=dict(train_metrics or {}),
-            evaluate=dict(evaluate_metrics or {}),
+            train=_floats(train_metrics),
+            evaluate=_floats(evaluate_metrics),
             central=central(round_, arrays),
             replies=replies.count,
             failures=replies.failures,
@@ -124,6 +124,11 @@ def run_rounds(
         )
         _notify(observers, report)
     return arrays
+
+
+def _floats(record: MetricRecord | None) -> dict[str, float]:
+    """Scalar entries of a MetricRecord (list-valued metrics are left out of reports)."""
+    return {k: float(v) for k, v in (record or {}).items() if isinstance(v, int | float)}
 
 
 def _notify(observers: Sequence[RoundObserver], report: RoundReport) -> None:

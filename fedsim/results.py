@@ -42,7 +42,9 @@ class RunRecorder:
     def finish(self, status: str, **extra: Any) -> dict[str, Any]:
         """Close the metrics file, write the summary (and plot); return the summary."""
         self._metrics.close()
-        last_central = next((r for r in reversed(self.rows) if "central_accuracy" in r), {})
+        last_central: dict[str, Any] = next(
+            (r for r in reversed(self.rows) if "central_accuracy" in r), {}
+        )
         summary = {
             "name": self.config.name,
             "status": status,

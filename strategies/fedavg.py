@@ -75,7 +75,7 @@ class FedAvg(FlowerFedAvg):
         rng = numpy_rng(self.seed, server_round, SERVER_NODE, f"sample-{message_type}")
         cohort = sample_cohort(node_ids, size, rng)
         logger.debug("%s: sampled %d of %d nodes", message_type, len(cohort), len(node_ids))
-        record[self.configrecord_key][keys.SERVER_ROUND] = server_round
+        record.config_records[self.configrecord_key][keys.SERVER_ROUND] = server_round
         return [Message(record, node_id, message_type) for node_id in cohort]
 
     def aggregate_train(

@@ -44,7 +44,11 @@ def run_client_app(client_app: ClientApp, message: Message, context: Context) ->
     non-finite metric) comes back as an error reply, which strategies count and skip,
     so a faulty client can neither crash the run nor poison the global model.
     """
-    request = Message(content=isolated_content(message.content), metadata=copy(message.metadata))
+    # ``metadata=`` is Flower's internal constructor path (not in its typed overloads);
+    # it keeps the instruction's ids so the client's reply points back at it.
+    request = Message(  # type: ignore[call-overload]
+        content=isolated_content(message.content), metadata=copy(message.metadata)
+    )
     try:
         reply = client_app(request, context)
     except Exception as exc:  # noqa: BLE001 - any client failure becomes a reply
