@@ -46,6 +46,9 @@ class InlineGrid(Grid):
         self._run = Run.create_empty(run_id)
         self.nodes = NodeRegistry(num_nodes, run_id=run_id, run_config=run_config or {})
         self._pending: dict[str, Message] = {}
+        # Seconds each client spent on a message, by instruction id, for the latest
+        # exchange: what device-heterogeneity models scale into simulated time.
+        self.compute_seconds: dict[str, float] = {}
         claim_server_identity(run_id)
 
     def set_run(self, run: Run) -> None:
@@ -96,6 +99,7 @@ class InlineGrid(Grid):
         ``NODE_UNAVAILABLE`` error reply instead of running.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        self.compute_seconds = {}
         for message in messages:
             assign_message_id(message)
             if deadline is not None and time.monotonic() > deadline:
@@ -105,4 +109,7 @@ class InlineGrid(Grid):
 
     def _execute(self, message: Message) -> Message:
         context = self.nodes.context(message.metadata.dst_node_id)
-        return run_client_app(self._client_app, message, context)
+        start = time.perf_counter()
+        reply = run_client_app(self._client_app, message, context)
+        self.compute_seconds[message.metadata.message_id] = time.perf_counter() - start
+        return reply
