@@ -37,7 +37,8 @@ class TorchTask:
     optimizer_fn
         ``(parameters, lr) -> Optimizer``; a fresh optimizer each round.
     device
-        Where local training runs (``"cpu"``, ``"cuda:0"``, ...).
+        Where local training runs: ``"cpu"``, ``"cuda:0"``, ..., or ``"auto"`` to
+        take the best the process sees (a Ray actor sees only its assigned GPU).
     lr, local_epochs, batch_size
         Used when the server's ConfigRecord does not set them.
     """
@@ -62,7 +63,7 @@ class TorchClient:
 
     def __init__(self, task: TorchTask) -> None:
         self.task = task
-        self.device = torch.device(task.device)
+        self.device = resolve_device(task.device)
         self._model: nn.Module | None = None
 
     def model(self, arrays: ArrayRecord) -> nn.Module:
@@ -138,6 +139,17 @@ class TorchClient:
                 f"--node-config '{keys.PARTITION_ID}=<i> {keys.NUM_PARTITIONS}=<n>'"
             ) from None
         return self.task.load_partition(partition_id, num_partitions)
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return ``torch.device(name)``; ``"auto"`` picks CUDA, then MPS, then CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def _count_participation(context: Context) -> None:

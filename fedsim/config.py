@@ -41,7 +41,7 @@ def _fraction(default: float) -> Any:
 
 Dataset = Literal["digits", "synthetic", "mnist", "emnist", "cifar10"]
 Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -83,7 +83,7 @@ class ClientConfig:
     local_epochs: int = _at_least(1, 1)
     batch_size: int = _at_least(32, 1)
     device: str = _rule(
-        "cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'cpu', 'cuda', 'cuda:N' or 'mps'"
+        "cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
     )
 
 
@@ -100,8 +100,19 @@ class StrategyConfig:
 class EngineConfig:
     """What executes the clients."""
 
-    name: Literal["inline", "flower"] = "inline"
+    name: Literal["inline", "ray", "flower"] = "inline"
     timeout_s: float = _positive(3600.0)
+    num_cpus_per_client: float = _positive(1.0)
+    num_gpus_per_client: float = _rule(
+        0.0, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)"
+    )
+    num_actors: int = _at_least(0, 0)
+    address: str = ""
+
+    @property
+    def ray_address(self) -> str | None:
+        """Ray address to join; ``None`` starts a local Ray instance."""
+        return self.address or None
 
 
 @dataclass(frozen=True)

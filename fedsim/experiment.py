@@ -117,11 +117,14 @@ def central_evaluator(task: TorchTask, test_set: Dataset) -> EvaluateFn:
     return evaluate_fn
 
 
-def run_on_grid(config: RunConfig, grid: Grid, *, engine: str) -> dict[str, Any]:
+def run_on_grid(
+    config: RunConfig, grid: Grid, *, engine: str, **engine_info: Any
+) -> dict[str, Any]:
     """Run ``config`` on ``grid`` with progress and result files; return the summary.
 
     The summary and metrics are written even when the run fails or is
-    interrupted, with ``status`` saying so.
+    interrupted, with ``status`` saying so; ``engine_info`` (e.g. Ray's start-up
+    time) goes into the summary.
     """
     task = build_task(config)
     recorder = RunRecorder(config)
@@ -152,7 +155,7 @@ def run_on_grid(config: RunConfig, grid: Grid, *, engine: str) -> dict[str, Any]
         status = "interrupted"
         raise
     finally:
-        summary = recorder.finish(status, engine=engine)
+        summary = recorder.finish(status, engine=engine, **engine_info)
     if arrays is not None:
         torch.save(arrays.to_torch_state_dict(), config.run_dir / "model.pt")
     return summary

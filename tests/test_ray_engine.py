@@ -1,0 +1,163 @@
+"""The Ray engine: pool sizing, streaming, state across actors, failures, equivalence."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+
+from fedsim.engine.ray_grid import RayGrid, RayResources, pool_size, threads_for
+
+
+def test_pool_size_fits_cpus_and_gpus() -> None:
+    assert pool_size(RayResources(num_cpus=1), {"CPU": 2}) == 2
+    assert pool_size(RayResources(num_cpus=0.5), {"CPU": 2}) == 4
+    assert pool_size(RayResources(num_cpus=1, num_gpus=0.25), {"CPU": 16, "GPU": 1}) == 4
+    assert pool_size(RayResources(num_cpus=1, num_actors=1), {"CPU": 8}) == 1
+
+
+@pytest.mark.parametrize(
+    ("resources", "cluster"),
+    [
+        (RayResources(num_cpus=4), {"CPU": 2}),
+        (RayResources(num_cpus=1, num_gpus=1), {"CPU": 2}),
+        (RayResources(num_cpus=1, num_actors=3), {"CPU": 2}),
+    ],
+)
+def test_pool_size_refuses_what_does_not_fit(resources, cluster) -> None:
+    with pytest.raises(ValueError, match="do not fit"):
+        pool_size(resources, cluster)
+
+
+def test_threads_follow_the_cpu_share_and_resources_are_validated() -> None:
+    assert [threads_for(c) for c in (0.25, 1, 1.5, 4)] == [1, 1, 1, 4]
+    with pytest.raises(ValueError, match="num_cpus"):
+        RayResources(num_cpus=0)
+    with pytest.raises(ValueError, match="num_actors"):
+        RayResources(num_actors=0)
+
+
+def _app() -> ClientApp:
+    """Adds its partition id to the arrays, counts its calls in Context.state.
+
+    Partition 3 always raises; partition 5 kills its worker process; a config
+    entry ``sleep`` makes every client sleep that long.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        partition = context.node_config["partition-id"]
+        if partition == 3:
+            raise RuntimeError("bad node")
+        if partition == 5 and message.content["config"].get("crash"):
+            os._exit(1)
+        time.sleep(float(message.content["config"].get("sleep", 0.0)))
+        calls = context.state.setdefault("calls", MetricRecord({"n": 0}))
+        calls["n"] = calls["n"] + 1
+        arrays = ArrayRecord([a.numpy() + partition for a in message.content["arrays"].values()])
+        metrics = MetricRecord({"num-examples": 1, "calls": calls["n"]})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def grid() -> Iterator[RayGrid]:
+    with RayGrid(_app(), num_nodes=8, resources=RayResources(num_actors=2)) as ray_grid:
+        yield ray_grid
+
+
+def _messages(grid: RayGrid, nodes: list[int], **config: float) -> list[Message]:
+    content = RecordDict(
+        {"arrays": ArrayRecord([np.zeros(2, np.float32)]), "config": ConfigRecord(config)}
+    )
+    return [Message(content, grid.get_node_ids()[p], "train") for p in nodes]
+
+
+def _outcome(reply: Message) -> object:
+    return (
+        reply.error.reason.split(" (at")[0]
+        if reply.has_error()
+        else reply.content["metrics"]["calls"]
+    )
+
+
+@pytest.mark.slow
+def test_state_survives_across_rounds_and_actors_and_failures_are_replies(grid: RayGrid) -> None:
+    nodes = [0, 1, 2, 3, 4]
+    by_round = []
+    for _ in range(3):
+        replies = grid.send_and_receive(_messages(grid, nodes))
+        by_round.append(
+            {grid.nodes.partition_id(r.metadata.src_node_id): _outcome(r) for r in replies}
+        )
+    for round_, outcome in enumerate(by_round, start=1):
+        assert outcome == {0: round_, 1: round_, 2: round_, 3: "RuntimeError: bad node", 4: round_}
+    assert grid.num_actors == 2
+
+
+@pytest.mark.slow
+def test_shared_content_goes_to_the_object_store_once(
+    grid: RayGrid, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    puts = []
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda value: puts.append(1) or real_put(value))
+    replies = list(grid.send_and_receive(_messages(grid, [0, 1, 2, 4, 6, 7])))
+    assert len(replies) == 6 and len(puts) == 1
+
+
+@pytest.mark.slow
+def test_flowers_own_fedavg_runs_on_the_ray_grid(grid: RayGrid) -> None:
+    result = FlowerFedAvg(fraction_train=1.0, fraction_evaluate=0.0).start(
+        grid=grid, initial_arrays=ArrayRecord([np.zeros(2, np.float32)]), num_rounds=1
+    )
+    # 8 nodes, node 3 fails: mean of partition ids {0,1,2,4,5,6,7} = 25/7.
+    np.testing.assert_allclose(result.arrays.to_numpy_ndarrays()[0], [25 / 7] * 2, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_timeout_and_a_dead_worker_leave_a_working_pool(grid: RayGrid) -> None:
+    replies = list(grid.send_and_receive(_messages(grid, [0, 1, 2, 4], sleep=3.0), timeout=0.5))
+    assert [_outcome(r) for r in replies] == ["round timeout expired"] * 4
+    crashed = list(grid.send_and_receive(_messages(grid, [5], crash=1.0)))
+    assert crashed[0].has_error() and "actor died" in crashed[0].error.reason
+    after = list(grid.send_and_receive(_messages(grid, [6, 7])))
+    assert all(not r.has_error() for r in after) and grid.num_actors == 2
+
+
+@pytest.mark.slow
+def test_inline_and_ray_engines_give_bit_identical_models(tmp_path: Path) -> None:
+    # Partial participation (4 of 10 per round): the same cohorts because both engines
+    # number nodes alike; the same client updates because every client seeds from
+    # (seed, round, partition, purpose). Ray actors run torch on one thread (their CPU
+    # share), so the inline run does too: thread count changes float reduction order.
+    common = [
+        "--set", "rounds=3", "--set", "data.num_clients=10", "--set", "strategy.clients_per_round=4",
+        "--set", f"output_dir={tmp_path}", "--set", "progress=false",
+    ]  # fmt: skip
+    for engine in ("inline", "ray"):
+        done = subprocess.run(
+            [sys.executable, "-m", "fedsim.cli", "run", "experiments/configs/demo.toml", *common,
+             "--set", f"engine.name={engine}", "--set", "engine.num_actors=2", "--set", f"name={engine}"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    inline, ray_ = (torch.load(tmp_path / e / "model.pt") for e in ("inline", "ray"))
+    assert all(torch.equal(inline[k], ray_[k]) for k in inline)
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert (
+        summary["engine"] == "ray" and summary["ray_actors"] == 2 and summary["ray_startup_s"] > 0
+    )
