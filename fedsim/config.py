@@ -116,6 +116,20 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class DevicesConfig:
+    """Simulated device heterogeneity: speed, availability, bandwidth, a round deadline."""
+
+    enabled: bool = False
+    csv: str = ""
+    speed_sigma: float = _rule(0.5, lambda v: v >= 0, "a number >= 0")
+    availability_mean: float = _rule(0.9, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    availability_concentration: float = _positive(10.0)
+    bandwidth_median_mbps: float = _positive(20.0)
+    bandwidth_sigma: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    deadline_s: float = _rule(0.0, lambda v: v >= 0, "a number >= 0 (0: no deadline)")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
 
@@ -133,6 +147,7 @@ class RunConfig:
     client: ClientConfig = field(default_factory=ClientConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
     def __post_init__(self) -> None:
         for key in ("clients_per_round", "evaluate_clients"):

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from fedsim import keys
 from fedsim.clients import TorchTask
 from fedsim.clients.training import evaluate
-from fedsim.config import DataConfig, RunConfig
+from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.models import model_factory
@@ -117,6 +117,28 @@ def central_evaluator(task: TorchTask, test_set: Dataset) -> EvaluateFn:
     return evaluate_fn
 
 
+def with_devices(devices: DevicesConfig, grid: Grid, *, seed: int) -> Grid:
+    """Wrap ``grid`` in simulated device heterogeneity when the config enables it."""
+    if not devices.enabled:
+        return grid
+    from fedsim.engine.devices import CsvProfiles, SampledProfiles
+    from fedsim.engine.heterogeneity import HeterogeneousGrid
+
+    profiles = (
+        CsvProfiles(devices.csv)
+        if devices.csv
+        else SampledProfiles(
+            seed=seed,
+            speed_sigma=devices.speed_sigma,
+            availability_mean=devices.availability_mean,
+            availability_concentration=devices.availability_concentration,
+            bandwidth_median_mbps=devices.bandwidth_median_mbps,
+            bandwidth_sigma=devices.bandwidth_sigma,
+        )
+    )
+    return HeterogeneousGrid(grid, profiles, seed=seed, deadline_s=devices.deadline_s or None)
+
+
 def run_on_grid(
     config: RunConfig, grid: Grid, *, engine: str, **engine_info: Any
 ) -> dict[str, Any]:
@@ -127,6 +149,7 @@ def run_on_grid(
     time) goes into the summary.
     """
     task = build_task(config)
+    grid = with_devices(config.devices, grid, seed=config.seed)
     recorder = RunRecorder(config)
     status = "failed"
     arrays = None

@@ -32,6 +32,9 @@ class RoundReport:
     failures: int = 0
     round_s: float = 0.0
     elapsed_s: float = 0.0
+    simulated_s: float | None = None
+    unavailable: int = 0
+    late: int = 0
 
     def as_row(self) -> dict[str, object]:
         """Return a flat JSON-ready row with ``train_*``, ``evaluate_*``, ``central_*`` metrics."""
@@ -46,6 +49,27 @@ class RoundObserver(Protocol):
 
     def on_round(self, report: RoundReport) -> None:
         """Receive the report of a finished round."""
+
+
+class _DeviceTimes:
+    """Sum the simulated time of a round's exchanges, on grids that simulate devices.
+
+    Such grids (``HeterogeneousGrid``) expose ``last_timing`` after each exchange;
+    on any other grid this records nothing.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.simulated_s: float | None = None
+        self.unavailable = self.late = 0
+
+    def add_last_exchange(self) -> None:
+        timing = getattr(self._grid, "last_timing", None)
+        if timing is None:
+            return
+        self.simulated_s = (self.simulated_s or 0.0) + timing.simulated_s
+        self.unavailable += timing.unavailable
+        self.late += timing.late
 
 
 class _CountedReplies:
@@ -95,12 +119,14 @@ def run_rounds(
     arrays = initial_arrays
     for round_ in range(1, num_rounds + 1):
         round_start = time.perf_counter()
+        devices = _DeviceTimes(grid)
         replies = _CountedReplies(
             grid.send_and_receive(
                 strategy.configure_train(round_, arrays, train_config, grid), timeout=timeout
             )
         )
         new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
+        devices.add_last_exchange()
         arrays = new_arrays if new_arrays is not None else arrays
         evaluate_metrics = strategy.aggregate_evaluate(
             round_,
@@ -111,6 +137,8 @@ def run_rounds(
                 timeout=timeout,
             ),
         )
+        if evaluate_metrics is not None:
+            devices.add_last_exchange()
         report = RoundReport(
             round=round_,
             num_rounds=num_rounds,
@@ -121,6 +149,9 @@ def run_rounds(
             failures=replies.failures,
             round_s=time.perf_counter() - round_start,
             elapsed_s=time.perf_counter() - start,
+            simulated_s=devices.simulated_s,
+            unavailable=devices.unavailable,
+            late=devices.late,
         )
         _notify(observers, report)
     return arrays

@@ -59,6 +59,10 @@ def status_line(report: RoundReport) -> str:
         parts.append(f"loss {loss:.4f}")
     if (accuracy := report.central.get("accuracy")) is not None:
         parts.append(f"acc {accuracy:.3f}")
-    if report.failures:
-        parts.append(f"[red]fail {report.failures}[/red]")
+    if report.simulated_s is not None:
+        parts.append(f"sim {report.simulated_s:.1f}s")
+    if report.unavailable or report.late:
+        parts.append(f"[yellow]offline {report.unavailable} late {report.late}[/yellow]")
+    if report.failures > report.unavailable + report.late:
+        parts.append(f"[red]fail {report.failures - report.unavailable - report.late}[/red]")
     return " ".join(parts)

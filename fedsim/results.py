@@ -55,6 +55,9 @@ class RunRecorder:
                 (r["central_accuracy"] for r in self.rows if "central_accuracy" in r), default=None
             ),
             "failures": sum(int(r.get("failures", 0)) for r in self.rows),
+            "unavailable": sum(int(r.get("unavailable", 0)) for r in self.rows),
+            "late": sum(int(r.get("late", 0)) for r in self.rows),
+            "simulated_time_s": _total(r.get("simulated_s") for r in self.rows),
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "seed": self.config.seed,
             **extra,
@@ -63,6 +66,12 @@ class RunRecorder:
         if self.config.plot and self.rows:
             plot_metrics(self.rows, self.run_dir / PLOT_FILE, title=self.config.name)
         return summary
+
+
+def _total(values: Any) -> float | None:
+    """Sum of the values that are not None; None when all are (no simulated devices)."""
+    present = [v for v in values if v is not None]
+    return round(sum(present), 3) if present else None
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:

@@ -155,3 +155,34 @@ def test_flowers_run_simulation_gives_the_inline_model_bit_for_bit(tmp_path: Pat
     )
     assert all(torch.equal(inline[k], flower[k]) for k in inline)
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["engine"] == "flower"
+
+
+def test_simulated_devices_are_reported_per_round_and_in_the_summary(tmp_path: Path) -> None:
+    csv = tmp_path / "devices.csv"
+    rows = ["partition_id,speed,availability,bandwidth_mbps"]
+    # Partitions 0-9 always answer but are so slow they miss any deadline; the rest are fast.
+    rows += [f"{p},{1e-6 if p < 10 else 100.0},1.0,1000" for p in range(20)]
+    csv.write_text("\n".join(rows) + "\n")
+    run_dir = _run(
+        tmp_path, "devices", "--set", "devices.enabled=true", "--set", f"devices.csv={csv}",
+        "--set", "devices.deadline_s=5.0",
+    )  # fmt: skip
+    reports = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for report in reports[1:]:
+        assert report["late"] == report["failures"] > 0  # the sampled slow partitions
+        assert 0 < report["simulated_s"] <= 5.0
+    assert summary["late"] == sum(r["late"] for r in reports) and summary["unavailable"] == 0
+    assert summary["simulated_time_s"] == pytest.approx(
+        sum(r["simulated_s"] for r in reports[1:]), abs=1e-2
+    )
+
+
+def test_a_bad_device_csv_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "devices.csv"
+    csv.write_text("partition_id,speed,availability,bandwidth_mbps\n0,fast,1.0,10\n")
+    args = ["run", DEMO, *SMALL, "--set", f"output_dir={tmp_path}", "--set", "devices.enabled=true",
+            "--set", f"devices.csv={csv}"]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "line 2, column 'speed'" in err and len(err.strip().splitlines()) == 1

@@ -145,15 +145,38 @@ def test_inline_and_ray_engines_give_bit_identical_models(tmp_path: Path) -> Non
     # (seed, round, partition, purpose). Ray actors run torch on one thread (their CPU
     # share), so the inline run does too: thread count changes float reduction order.
     common = [
-        "--set", "rounds=3", "--set", "data.num_clients=10", "--set", "strategy.clients_per_round=4",
-        "--set", f"output_dir={tmp_path}", "--set", "progress=false",
-    ]  # fmt: skip
+        "--set",
+        "rounds=3",
+        "--set",
+        "data.num_clients=10",
+        "--set",
+        "strategy.clients_per_round=4",
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        "progress=false",
+    ]
     for engine in ("inline", "ray"):
         done = subprocess.run(
-            [sys.executable, "-m", "fedsim.cli", "run", "experiments/configs/demo.toml", *common,
-             "--set", f"engine.name={engine}", "--set", "engine.num_actors=2", "--set", f"name={engine}"],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "fedsim.cli",
+                "run",
+                "experiments/configs/demo.toml",
+                *common,
+                "--set",
+                f"engine.name={engine}",
+                "--set",
+                "engine.num_actors=2",
+                "--set",
+                f"name={engine}",
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     inline, ray_ = (torch.load(tmp_path / e / "model.pt") for e in ("inline", "ray"))
     assert all(torch.equal(inline[k], ray_[k]) for k in inline)

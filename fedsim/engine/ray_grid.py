@@ -9,6 +9,7 @@ the driver and travel with each message, so a node's ``Context.state`` survives
 across rounds whichever actor runs it next.
 """
 
+import logging
 import math
 import os
 import time
@@ -152,7 +153,7 @@ class RayGrid(Grid):
             # Ray >= 2.4x warns that it will stop hiding GPUs from num_gpus=0 actors;
             # our actors hide them themselves, so opt into that behaviour now.
             os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
         size = pool_size(self.resources, ray.cluster_resources())
         self._actors = [self._new_actor() for _ in range(size)]
         ray.get([actor.ready.remote() for actor in self._actors])
