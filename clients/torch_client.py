@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
@@ -65,13 +65,32 @@ class TorchClient:
         self.task = task
         self.device = resolve_device(task.device)
         self._model: nn.Module | None = None
+        self._decoded: tuple[tuple[Array, ...], dict[str, torch.Tensor]] | None = None
 
     def model(self, arrays: ArrayRecord) -> nn.Module:
         """Return the process's model instance loaded with ``arrays``."""
         if self._model is None:
             self._model = self.task.model_fn().to(self.device)
-        self._model.load_state_dict(arrays.to_torch_state_dict())
+        self._model.load_state_dict(self._decode(arrays))
         return self._model
+
+    def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """Deserialize ``arrays``, once per distinct global model.
+
+        In one process a whole cohort receives the very same ``Array`` objects, so
+        decoding them for each client repeats work; the cache holds the last global
+        model (keeping it alive, so identity cannot be reused) and is checked by
+        identity of every entry.
+        """
+        entries = tuple(arrays.values())
+        cached = self._decoded
+        if (
+            cached is None
+            or len(cached[0]) != len(entries)
+            or any(a is not b for a, b in zip(cached[0], entries, strict=True))
+        ):
+            cached = self._decoded = (entries, arrays.to_torch_state_dict())
+        return cached[1]
 
     def train(self, message: Message, context: Context) -> Message:
         """Train the received model on this node's partition."""

@@ -50,7 +50,7 @@ def train_epochs(
 ) -> float:
     """Train in place for ``epochs`` passes; return the mean minibatch loss."""
     model.train()
-    total, steps = 0.0, 0
+    total, steps = torch.zeros((), device=device), 0
     for _ in range(epochs):
         for inputs, targets in shuffled_batches(
             dataset, batch_size=batch_size, generator=generator
@@ -59,9 +59,9 @@ def train_epochs(
             loss = loss_fn(model(inputs.to(device)), targets.to(device))
             loss.backward()
             optimizer.step()
-            total += loss.item()
+            total += loss.detach()  # not .item() per step: that syncs a GPU every batch
             steps += 1
-    return total / max(steps, 1)
+    return total.item() / max(steps, 1)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Streaming aggregation: weighted means that hold one model, not one per client."""
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -46,7 +47,7 @@ class WeightedMean:
                 raise InvalidReplyError(
                     f"{name!r} has shape {np.shape(value)}, expected {tuple(shapes[name])}"
                 )
-            if not np.all(np.isfinite(value)):
+            if not _all_finite(value):
                 raise InvalidReplyError(f"{name!r} contains NaN or infinity")
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
@@ -63,7 +64,7 @@ class WeightedMean:
             if name not in self._sums:
                 self._sums[name] = np.zeros(shapes[name], dtype=np.float64)
                 self._dtypes[name] = np.asarray(value).dtype
-            self._sums[name] += weight * np.asarray(value, dtype=np.float64)
+            self._sums[name] += np.multiply(value, weight, dtype=np.float64)
         self.total_weight += weight
         self.count += 1
 
@@ -75,6 +76,17 @@ class WeightedMean:
             name: (total / self.total_weight).astype(self._dtypes[name])
             for name, total in self._sums.items()
         }
+
+
+def _all_finite(value: np.ndarray) -> bool:
+    """Whether every entry is finite, without a boolean copy of the array.
+
+    A float64 sum is finite exactly when all entries are, unless finite entries
+    overflow it; only then does the exact (slower) test decide.
+    """
+    if math.isfinite(np.sum(value, dtype=np.float64)):
+        return True
+    return bool(np.all(np.isfinite(value)))
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -86,13 +86,12 @@ class FedAvg(FlowerFedAvg):
         for reply in self._valid(replies):
             try:
                 weight, metric_vals, array_vals = self._unpack(reply.content, with_arrays=True)
-                # Check both parts before adding either, so a bad reply changes nothing.
-                arrays.check(array_vals, weight)
+                # Metrics are checked first: once its arrays are added, the reply counts.
                 metrics.check(metric_vals, weight)
+                arrays.add(array_vals, weight)
             except InvalidReplyError as exc:
                 _reject(reply, str(exc))
                 continue
-            arrays.add(array_vals, weight)
             metrics.add(metric_vals, weight)
         if arrays.count == 0:
             return None, None

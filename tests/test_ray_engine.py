@@ -184,3 +184,58 @@ def test_inline_and_ray_engines_give_bit_identical_models(tmp_path: Path) -> Non
     assert (
         summary["engine"] == "ray" and summary["ray_actors"] == 2 and summary["ray_startup_s"] > 0
     )
+
+
+@pytest.mark.slow
+def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
+    ray_cli = Path(sys.executable).with_name("ray")
+    port = "6391"
+    started = subprocess.run(
+        [
+            str(ray_cli),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedsim.cli",
+                "run",
+                "experiments/configs/demo.toml",
+                "--set",
+                "rounds=2",
+                "--set",
+                "data.num_clients=6",
+                "--set",
+                "strategy.clients_per_round=3",
+                "--set",
+                "engine.name=ray",
+                "--set",
+                f"engine.address=127.0.0.1:{port}",
+                "--set",
+                f"output_dir={tmp_path}",
+                "--set",
+                "name=joined",
+                "--set",
+                "progress=false",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
+    summary = json.loads((tmp_path / "joined" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["ray_actors"] == 2
