@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from fedsim import keys
 from fedsim.clients.training import LossFn, evaluate, train_epochs
-from fedsim.seeding import derive_seed, torch_generator
+from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
 
 OptimizerFn = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
@@ -102,11 +102,9 @@ class TorchClient:
         optimizer = self.task.optimizer_fn(
             model.parameters(), cast(float, config.get(keys.LR, self.task.lr))
         )
-        # Dropout and other in-model randomness draw from torch's global RNG; seeding it
-        # per (round, node) inside fork_rng makes a client's update independent of
-        # which clients ran before it in this process.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(seed, round_, partition_id, "train"))
+        # Seeding torch's global RNG per (round, node) makes a client's update (dropout)
+        # independent of which clients ran before it in this process.
+        with seeded_torch_rng(derive_seed(seed, round_, partition_id, "train"), self.device):
             train_loss = train_epochs(
                 model,
                 dataset,

@@ -28,6 +28,7 @@ class WeightedMean:
     def __init__(self, template: Mapping[str, tuple[int, ...]] | None = None) -> None:
         self._shapes = dict(template) if template is not None else None
         self._sums: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
         self.total_weight = 0.0
         self.count = 0
@@ -63,8 +64,11 @@ class WeightedMean:
         for name, value in values.items():
             if name not in self._sums:
                 self._sums[name] = np.zeros(shapes[name], dtype=np.float64)
+                self._scratch[name] = np.empty(shapes[name], dtype=np.float64)
                 self._dtypes[name] = np.asarray(value).dtype
-            self._sums[name] += np.multiply(value, weight, dtype=np.float64)
+            # weight * value into a reused float64 buffer: no temporaries per reply.
+            np.multiply(value, weight, out=self._scratch[name])
+            self._sums[name] += self._scratch[name]
         self.total_weight += weight
         self.count += 1
 
@@ -90,8 +94,27 @@ def _all_finite(value: np.ndarray) -> bool:
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Return an ArrayRecord's entries as NumPy arrays."""
-    return {name: array.numpy() for name, array in record.items()}
+    """Return an ArrayRecord's entries as (read-only) NumPy arrays."""
+    return {name: decode(array) for name, array in record.items()}
+
+
+def decode(array: Array) -> np.ndarray:
+    """Return a read-only NumPy view of an ``Array``'s payload, without copying.
+
+    ``Array.numpy()`` parses each ``.npy`` header with ``ast.literal_eval``, which
+    costs more than adding the array to a sum. A C-ordered ``.npy`` payload is a
+    fixed-layout header followed by the raw buffer, and ``Array`` carries dtype and
+    shape itself, so the buffer is viewed directly; anything else (Fortran order,
+    other serializations) falls back to Flower's decoder.
+    """
+    data = array.data
+    if array.stype != "numpy.ndarray" or data[:6] != b"\x93NUMPY":
+        return array.numpy()
+    size_bytes = 2 if data[6] == 1 else 4  # .npy format 1.0 has a 2-byte header length
+    start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
+    if b"'fortran_order': False" not in data[8:start]:
+        return array.numpy()
+    return np.frombuffer(data, dtype=np.dtype(array.dtype), offset=start).reshape(array.shape)
 
 
 def to_array_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
