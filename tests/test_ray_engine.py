@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,6 +192,8 @@ def test_inline_and_ray_engines_give_bit_identical_models(tmp_path: Path) -> Non
 def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     ray_cli = Path(sys.executable).with_name("ray")
     port = "6391"
+    # Ray's socket paths must fit AF_UNIX's 107 bytes: pytest's tmp_path is too deep.
+    ray_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     started = subprocess.run(
         [
             str(ray_cli),
@@ -198,7 +202,7 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
             f"--port={port}",
             "--num-cpus=2",
             "--include-dashboard=false",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={ray_dir}",
         ],
         capture_output=True,
         text=True,
@@ -237,5 +241,6 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(ray_dir, ignore_errors=True)
     summary = json.loads((tmp_path / "joined" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["ray_actors"] == 2

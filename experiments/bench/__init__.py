@@ -1,0 +1,1 @@
+"""Side-by-side performance benchmark of fedsim (``python experiments/bench/engines.py``)."""

@@ -1,0 +1,113 @@
+"""The benchmark's report: the side-by-side table, the scale section and the targets.
+
+This module holds the pure formatting of results the runs produced (dicts, as the children
+report them and ``engines.py`` summarizes them): the markdown tables and each target with its
+measured value and PASS or FAIL. It also holds ``paired_ratio``, which both the summaries in
+``engines.py`` and the targets use. It is apart from ``engines.py`` so the report can be read
+and tested without running anything; it imports no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+OWN_SAMPLING = {"flower"}  # systems whose cohorts differ from fedsim's, so weights do too
+
+
+def paired_ratio(
+    runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], key: str
+) -> float | None:
+    """Return the median over repetitions of ``run[key] / baseline run[key]``."""
+    base = {r["attempt"]: r[key] for r in baseline}
+    ratios = [r[key] / base[r["attempt"]] for r in runs if r["attempt"] in base]
+    return statistics.median(ratios) if ratios else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Return the side-by-side table, one row per system and workload."""
+    header = [
+        "system", "workload", "total s", "steady round s", "peak RSS MB", "total / floor",
+        "steady / floor", "steady min-max s", "import s", "start-up s", "max |w - floor|",
+        "threads", "runs",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        own = r["system"] in OWN_SAMPLING
+        gap = "own cohorts" if own else _fmt(r["max_abs_diff_to_floor"], ".1e")
+        low, high = r["steady_round_range_s"]
+        cells = [
+            r["label"], r["workload"], _fmt(r["total_s"], ".2f"), _fmt(r["steady_round_s"], ".3f"),
+            _fmt(r["peak_rss_mb"], ".0f"), _fmt(r["total_ratio_to_floor"], ".2f"),
+            _fmt(r["steady_round_ratio_to_floor"], ".2f"), f"{low:.3f}-{high:.3f}",
+            _fmt(r["import_s"], ".2f"), _fmt(r["startup_s"], ".2f"), gap, r["threads"],
+            str(len(r["runs"])),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_scale(results: dict[str, dict[str, Any]]) -> str:
+    """Return the scale section: start-up and peak memory of each case."""
+    lines = [
+        "| case | population | cohort | rounds | start-up s | steady round s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results.values():
+        cells = [r["label"], f"{r['num_clients']:,}", str(r["cohort"]), str(r["rounds"])]
+        cells += [f"{r['startup_s']:.2f}", f"{r['steady_round_s']:.3f}", f"{r['peak_rss_mb']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _check(what: str, measured: str, ok: bool | None) -> str:
+    verdict = {True: "PASS", False: "FAIL", None: "n/a (not measured)"}[ok]
+    return f"{what}: {measured}  {verdict}"
+
+
+def targets(rows: Sequence[dict[str, Any]], scale: dict[str, dict[str, Any]]) -> list[str]:
+    """Return each target of the issue with its measured value and PASS or FAIL."""
+    lines = []
+    by = {(r["system"], r["workload"]): r for r in rows}
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        inline = by.get(("inline", name))
+        for key, limit in (("steady_round", 1.10), ("total", 1.15)):
+            ratio = inline[f"{key}_ratio_to_floor"] if inline else None
+            what = f"{name}  fedsim inline {key.replace('_', ' ')} <= {limit:.2f}x floor"
+            lines.append(_check(what, f"{_fmt(ratio, '.3f')}x", _at_most(ratio, limit)))
+        for mine, theirs in itertools.product(("inline", "ray"), ("flower", "pfl")):
+            a, b = by.get((mine, name)), by.get((theirs, name))
+            what = f"{name}  fedsim {mine} steady round faster than {theirs}"
+            if not (a and b):
+                lines.append(_check(what, "-", None))
+                continue
+            speedup = paired_ratio(b["runs"], a["runs"], "steady_round_s")
+            measured = (
+                f"{a['steady_round_s']:.3f} s vs {b['steady_round_s']:.3f} s, "
+                f"{theirs} / fedsim {_fmt(speedup, '.2f')}x"
+            )
+            lines.append(_check(what, measured, None if speedup is None else speedup > 1))
+    small, large = scale.get("population-1e3"), scale.get("population-1e6")
+    for case in (small, large):
+        if case:
+            what = f"scale  start-up <= 2 s, {case['label']}"
+            lines.append(_check(what, f"{case['startup_s']:.2f} s", case["startup_s"] <= 2.0))
+    growth = large["peak_rss_mb"] - small["peak_rss_mb"] if (small and large) else None
+    what = "scale  peak RSS(10^6 clients) - peak RSS(10^3) <= 100 MB"
+    lines.append(_check(what, f"{_fmt(growth, '+.1f')} MB", _at_most(growth, 100.0)))
+    few, many = scale.get("cohort-10"), scale.get("cohort-500")
+    ratio = many["peak_rss_mb"] / few["peak_rss_mb"] if (few and many) else None
+    extra = f" ({many['peak_rss_mb'] - few['peak_rss_mb']:+.0f} MB)" if (few and many) else ""
+    what = "scale  peak RSS cohort 500 / cohort 10, 1M-param model <= 1.3"
+    lines.append(_check(what, f"{_fmt(ratio, '.3f')}x{extra}", _at_most(ratio, 1.3)))
+    return lines
+
+
+def _at_most(value: float | None, limit: float) -> bool | None:
+    return None if value is None else value <= limit
