@@ -1,20 +1,17 @@
 """The inline engine: a Flower ``Grid`` that runs the ClientApp in this process."""
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
-from flwr.app import Message, RecordDict, UserConfig
+from flwr.app import Message, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
-from fedsim.engine.identity import claim_server_identity
-from fedsim.engine.nodes import NodeRegistry
+from fedsim.engine.simulated import SimulatedGrid
 
 
-class InlineGrid(Grid):
+class InlineGrid(SimulatedGrid):
     """Run every message on ``client_app`` in the calling thread, in order.
 
     Messages are never serialized: the client reads the server's arrays directly
@@ -42,39 +39,9 @@ class InlineGrid(Grid):
         run_config: UserConfig | None = None,
         run_id: int = 1,
     ) -> None:
+        super().__init__(num_nodes=num_nodes, run_config=run_config, run_id=run_id)
         self._client_app = client_app
-        self._run = Run.create_empty(run_id)
-        self.nodes = NodeRegistry(num_nodes, run_id=run_id, run_config=run_config or {})
         self._pending: dict[str, Message] = {}
-        # Seconds each client spent on a message, by instruction id, for the latest
-        # exchange: what device-heterogeneity models scale into simulated time.
-        self.compute_seconds: dict[str, float] = {}
-        claim_server_identity(run_id)
-
-    def set_run(self, run: Run) -> None:
-        """Adopt the run this grid serves."""
-        self._run = run
-        claim_server_identity(run.run_id)
-
-    @property
-    def run(self) -> Run:
-        """Run information."""
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Create a message (deprecated in Flower; kept for older strategies)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Sequence[int]:
-        """Return all node ids as a lazy ``range``."""
-        return self.nodes.node_ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Queue messages; they run when their replies are pulled."""

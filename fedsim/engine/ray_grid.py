@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from copy import copy
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +24,9 @@ import torch
 from flwr.app import Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
-from fedsim.engine.identity import claim_server_identity
-from fedsim.engine.nodes import NodeRegistry
+from fedsim.engine.simulated import SimulatedGrid
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,7 @@ class _NodeActor:
         return reply, context.state, time.perf_counter() - start
 
 
-class RayGrid(Grid):
+class RayGrid(SimulatedGrid):
     """Run messages on a pool of Ray actors; see the module docstring.
 
     Parameters
@@ -144,8 +141,7 @@ class RayGrid(Grid):
         run_id: int = 1,
     ) -> None:
         start = time.perf_counter()
-        self._run = Run.create_empty(run_id)
-        self.nodes = NodeRegistry(num_nodes, run_id=run_id, run_config=run_config or {})
+        super().__init__(num_nodes=num_nodes, run_config=run_config, run_id=run_id)
         self.resources = resources or RayResources()
         self._client_app = client_app
         self._owns_ray = not ray.is_initialized()
@@ -157,9 +153,7 @@ class RayGrid(Grid):
         size = pool_size(self.resources, ray.cluster_resources())
         self._actors = [self._new_actor() for _ in range(size)]
         ray.get([actor.ready.remote() for actor in self._actors])
-        self.compute_seconds: dict[str, float] = {}
         self.startup_s = time.perf_counter() - start
-        claim_server_identity(run_id)
 
     def _new_actor(self) -> Any:
         actor_class = ray.remote(_NodeActor).options(
@@ -173,31 +167,6 @@ class RayGrid(Grid):
     def num_actors(self) -> int:
         """Size of the actor pool."""
         return len(self._actors)
-
-    def set_run(self, run: Run) -> None:
-        """Adopt the run this grid serves."""
-        self._run = run
-        claim_server_identity(run.run_id)
-
-    @property
-    def run(self) -> Run:
-        """Run information."""
-        return self._run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Create a message (deprecated in Flower; kept for older strategies)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Sequence[int]:
-        """Return all node ids as a lazy ``range``."""
-        return self.nodes.node_ids
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Not supported: this engine streams replies through ``send_and_receive``."""

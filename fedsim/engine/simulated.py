@@ -1,0 +1,52 @@
+"""What every fedsim engine shares: a run, a lazy population, Flower's bookkeeping."""
+
+from collections.abc import Sequence
+
+from flwr.app import Message, RecordDict, UserConfig
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedsim.engine.identity import claim_server_identity
+from fedsim.engine.nodes import NodeRegistry
+
+
+class SimulatedGrid(Grid):
+    """Base of fedsim's engines: subclasses only decide how messages execute.
+
+    It owns the run, the :class:`NodeRegistry` (ids and lazy per-node contexts)
+    and ``compute_seconds``: the seconds each client spent on a message of the
+    latest exchange, by instruction id, which device-heterogeneity models scale
+    into simulated time. Engines sharing this base number nodes alike, which is
+    what lets the same seed give the same model on every engine.
+    """
+
+    def __init__(self, *, num_nodes: int, run_config: UserConfig | None, run_id: int) -> None:
+        self._run = Run.create_empty(run_id)
+        self.nodes = NodeRegistry(num_nodes, run_id=run_id, run_config=run_config or {})
+        self.compute_seconds: dict[str, float] = {}
+        claim_server_identity(run_id)
+
+    def set_run(self, run: Run) -> None:
+        """Adopt the run this grid serves."""
+        self._run = run
+        claim_server_identity(run.run_id)
+
+    @property
+    def run(self) -> Run:
+        """Run information."""
+        return self._run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Create a message (deprecated in Flower; kept for older strategies)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Sequence[int]:
+        """Return all node ids as a lazy ``range``."""
+        return self.nodes.node_ids
