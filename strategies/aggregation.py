@@ -67,7 +67,7 @@ class WeightedMean:
                 self._scratch[name] = np.empty(shapes[name], dtype=np.float64)
                 self._dtypes[name] = np.asarray(value).dtype
             # weight * value into a reused float64 buffer: no temporaries per reply.
-            np.multiply(value, weight, out=self._scratch[name])
+            np.multiply(value, weight, out=self._scratch[name], dtype=np.float64)
             self._sums[name] += self._scratch[name]
         self.total_weight += weight
         self.count += 1

@@ -162,3 +162,16 @@ def test_fast_decode_matches_flowers_decoder(value: np.ndarray) -> None:
     fast, reference = decode(array), array.numpy()
     assert fast.dtype == reference.dtype and fast.shape == reference.shape
     np.testing.assert_array_equal(fast, reference)
+
+
+def test_weighted_mean_is_the_float64_mean_rounded_once() -> None:
+    # Products weight * value must be formed in float64: rounding each to float32
+    # first changes about 40% of these means after the final cast.
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((50, 1000)).astype(np.float32)
+    weights = rng.integers(1, 100, 50)
+    mean = WeightedMean()
+    for value, weight in zip(values, weights, strict=True):
+        mean.add({"w": value}, int(weight))
+    exact = (values.astype(np.float64) * weights[:, None]).sum(axis=0) / weights.sum()
+    np.testing.assert_array_equal(mean.mean()["w"], exact.astype(np.float32))
