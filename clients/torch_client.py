@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedsim import keys
+from fedsim.arrays import to_array_record
 from fedsim.clients.training import LossFn, evaluate, train_epochs
 from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
 
@@ -118,7 +119,9 @@ class TorchClient:
         _count_participation(context)
         content = RecordDict(
             {
-                keys.ARRAYS: ArrayRecord(model.state_dict()),
+                keys.ARRAYS: to_array_record(
+                    {k: t.detach().cpu().numpy() for k, t in model.state_dict().items()}
+                ),
                 keys.METRICS: MetricRecord(
                     {keys.NUM_EXAMPLES: len(cast(Sized, dataset)), keys.TRAIN_LOSS: train_loss}
                 ),

@@ -4,7 +4,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 
 
 class InvalidReplyError(ValueError):
@@ -91,35 +91,6 @@ def _all_finite(value: np.ndarray) -> bool:
     if math.isfinite(np.sum(value, dtype=np.float64)):
         return True
     return bool(np.all(np.isfinite(value)))
-
-
-def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Return an ArrayRecord's entries as (read-only) NumPy arrays."""
-    return {name: decode(array) for name, array in record.items()}
-
-
-def decode(array: Array) -> np.ndarray:
-    """Return a read-only NumPy view of an ``Array``'s payload, without copying.
-
-    ``Array.numpy()`` parses each ``.npy`` header with ``ast.literal_eval``, which
-    costs more than adding the array to a sum. A C-ordered ``.npy`` payload is a
-    fixed-layout header followed by the raw buffer, and ``Array`` carries dtype and
-    shape itself, so the buffer is viewed directly; anything else (Fortran order,
-    other serializations) falls back to Flower's decoder.
-    """
-    data = array.data
-    if array.stype != "numpy.ndarray" or data[:6] != b"\x93NUMPY":
-        return array.numpy()
-    size_bytes = 2 if data[6] == 1 else 4  # .npy format 1.0 has a 2-byte header length
-    start = 8 + size_bytes + int.from_bytes(data[8 : 8 + size_bytes], "little")
-    if b"'fortran_order': False" not in data[8:start]:
-        return array.numpy()
-    return np.frombuffer(data, dtype=np.dtype(array.dtype), offset=start).reshape(array.shape)
-
-
-def to_array_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Build an ArrayRecord, keeping the order of ``values``."""
-    return ArrayRecord({name: Array(np.ascontiguousarray(v)) for name, v in values.items()})
 
 
 def shapes_of(record: ArrayRecord) -> dict[str, tuple[int, ...]]:

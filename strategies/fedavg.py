@@ -19,14 +19,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedsim import keys
+from fedsim.arrays import arrays_of, to_array_record
 from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.aggregation import (
     InvalidReplyError,
     WeightedMean,
-    arrays_of,
     metric_values,
     shapes_of,
-    to_array_record,
     to_metric_record,
 )
 from fedsim.strategies.sampling import available_nodes, sample_cohort

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedsim.arrays import to_array_record
 from fedsim.engine.identity import claim_server_identity
-from fedsim.strategies.aggregation import to_array_record
 
 
 @pytest.fixture(autouse=True)

@@ -141,29 +141,6 @@ def test_aggregation_memory_does_not_grow_with_the_cohort() -> None:
     assert peak_200 < 0.25 * 200 * model_bytes
 
 
-@pytest.mark.parametrize(
-    "value",
-    [
-        np.arange(12, dtype=np.float32).reshape(3, 4),
-        np.array(3.5, dtype=np.float64),
-        np.zeros((0, 5), dtype=np.int64),
-        np.asfortranarray(np.arange(6, dtype=np.float16).reshape(2, 3)),
-        np.arange(4, dtype=">f4"),
-        np.array([True, False]),
-    ],
-    ids=["float32", "scalar", "empty", "fortran", "big-endian", "bool"],
-)
-def test_fast_decode_matches_flowers_decoder(value: np.ndarray) -> None:
-    from flwr.app import Array
-
-    from fedsim.strategies.aggregation import decode
-
-    array = Array(value)
-    fast, reference = decode(array), array.numpy()
-    assert fast.dtype == reference.dtype and fast.shape == reference.shape
-    np.testing.assert_array_equal(fast, reference)
-
-
 def test_weighted_mean_is_the_float64_mean_rounded_once() -> None:
     # Products weight * value must be formed in float64: rounding each to float32
     # first changes about 40% of these means after the final cast.
