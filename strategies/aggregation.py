@@ -33,8 +33,11 @@ class WeightedMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def check(self, values: Mapping[str, np.ndarray], weight: float) -> None:
-        """Raise :class:`InvalidReplyError` if ``add(values, weight)`` would be rejected."""
+    def check(self, values: Mapping[str, np.ndarray], weight: float) -> dict[str, tuple[int, ...]]:
+        """Raise :class:`InvalidReplyError` if ``add(values, weight)`` would be rejected.
+
+        Returns the entries' shapes: the template's, or the first term's.
+        """
         if not (isinstance(weight, int | float) and np.isfinite(weight) and weight >= 0):
             raise InvalidReplyError(f"weight must be a finite number >= 0, got {weight!r}")
         shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
@@ -50,16 +53,16 @@ class WeightedMean:
                 )
             if not _all_finite(value):
                 raise InvalidReplyError(f"{name!r} contains NaN or infinity")
+        return shapes
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
         """Add ``weight * values``; if invalid, raise and change nothing.
 
         A zero weight (a client without examples) is valid and contributes nothing.
         """
-        self.check(values, weight)
+        shapes = self.check(values, weight)
         if weight == 0:
             return
-        shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
         self._shapes = shapes
         for name, value in values.items():
             if name not in self._sums:

@@ -1,5 +1,9 @@
 """Shared fixtures: small Flower messages and a throwaway run directory."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -16,14 +20,31 @@ def _server_identity() -> None:
 
 def reply(node_id: int, arrays: dict[str, np.ndarray] | None, **metrics: float) -> Message:
     """A train/evaluate reply from ``node_id`` carrying ``arrays`` and ``metrics``."""
-    instruction = Message(RecordDict(), node_id + 0, "train")
+    instruction = Message(RecordDict(), node_id, "train")
     instruction.metadata.__dict__["_message_id"] = f"m{node_id}"
     content = RecordDict({"metrics": MetricRecord(dict(metrics))})
     if arrays is not None:
         content["arrays"] = to_array_record(arrays)
-    message = Message(content, reply_to=instruction)
-    return message
+    return Message(content, reply_to=instruction)
 
 
 def arrays_record(**arrays: np.ndarray) -> ArrayRecord:
     return to_array_record(arrays)
+
+
+DEMO_CONFIG = "experiments/configs/demo.toml"
+
+
+def run_cli(
+    *overrides: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``fedsim run <demo config> --set KEY=VALUE ...`` in a fresh interpreter.
+
+    For tests that need their own process: env vars read at import (offline
+    switches, torch threads) or Ray, which must not live in the pytest process.
+    """
+    sets = [arg for override in ("progress=false", *overrides) for arg in ("--set", override)]
+    command = [sys.executable, "-m", "fedsim.cli", "run", DEMO_CONFIG, *sets]
+    return subprocess.run(
+        command, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )

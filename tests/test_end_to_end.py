@@ -1,9 +1,6 @@
 """Whole runs through the CLI: result files, reproducibility, failures, Flower's runtime."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,31 +12,22 @@ from fedsim.cli import main
 from fedsim.config import parse_config
 from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, initial_arrays, run_on_grid
+from tests.conftest import DEMO_CONFIG as DEMO
+from tests.conftest import run_cli
 
-SMALL = [
-    "--set",
+SMALL_SETTINGS = (
     "rounds=3",
-    "--set",
     "data.num_clients=20",
-    "--set",
     "strategy.clients_per_round=5",
-    "--set",
     "progress=false",
-]
-DEMO = "experiments/configs/demo.toml"
+)
+SMALL = [arg for setting in SMALL_SETTINGS for arg in ("--set", setting)]
 
 
 def _run(tmp_path: Path, name: str, *extra: str) -> Path:
     args = ["run", DEMO, *SMALL, "--set", f"output_dir={tmp_path}", "--set", f"name={name}", *extra]
     assert main(args) == 0
     return tmp_path / name
-
-
-def _cli_subprocess(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run ``fedsim`` in a fresh interpreter (own env vars, torch threads, Ray)."""
-    command = [sys.executable, "-m", "fedsim.cli", "run", DEMO, "--set", "progress=false", *args]
-    return subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
 
 
 def test_a_run_leaves_metrics_summary_plot_and_model(tmp_path: Path) -> None:
@@ -122,9 +110,7 @@ def test_an_interrupted_run_keeps_its_rounds_and_says_so(tmp_path: Path) -> None
 def test_an_offline_real_dataset_fails_in_one_line(tmp_path: Path) -> None:
     # A subprocess, because huggingface_hub reads its offline switches at import.
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = _cli_subprocess(
-        *SMALL, "--set", f"output_dir={tmp_path}", "--set", "data.dataset=mnist", env=offline
-    )
+    done = run_cli(*SMALL_SETTINGS, f"output_dir={tmp_path}", "data.dataset=mnist", env=offline)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "DatasetUnavailableError" in done.stderr and "mnist" in done.stderr
 
@@ -142,11 +128,10 @@ def test_flowers_run_simulation_gives_the_inline_model_bit_for_bit(tmp_path: Pat
     # client seeds key on partition-id. Ray's workers run torch on one thread, so the
     # inline run does too (thread count changes float reduction order in kernels).
     for engine in ("inline", "flower"):
-        done = _cli_subprocess(
-            "--set", "rounds=2", "--set", "data.num_clients=4",
-            "--set", "strategy.clients_per_round=4",
-            "--set", f"engine.name={engine}", "--set", f"name={engine}",
-            "--set", f"output_dir={tmp_path}", env={"OMP_NUM_THREADS": "1"},
+        done = run_cli(
+            "rounds=2", "data.num_clients=4", "strategy.clients_per_round=4",
+            f"engine.name={engine}", f"name={engine}", f"output_dir={tmp_path}",
+            env={"OMP_NUM_THREADS": "1"},
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
     inline, flower = (

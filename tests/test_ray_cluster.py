@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import ray
 
+from tests.conftest import run_cli
+
 
 def test_this_process_is_not_a_ray_driver() -> None:
     assert not ray.is_initialized()
@@ -43,34 +45,10 @@ def test_joins_an_existing_ray_cluster(tmp_path: Path) -> None:
     )
     assert started.returncode == 0, started.stderr[-2000:]
     try:
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedsim.cli",
-                "run",
-                "experiments/configs/demo.toml",
-                "--set",
-                "rounds=2",
-                "--set",
-                "data.num_clients=6",
-                "--set",
-                "strategy.clients_per_round=3",
-                "--set",
-                "engine.name=ray",
-                "--set",
-                f"engine.address=127.0.0.1:{port}",
-                "--set",
-                f"output_dir={tmp_path}",
-                "--set",
-                "name=joined",
-                "--set",
-                "progress=false",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = run_cli(
+            "rounds=2", "data.num_clients=6", "strategy.clients_per_round=3", "engine.name=ray",
+            f"engine.address=127.0.0.1:{port}", f"output_dir={tmp_path}", "name=joined",
+        )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, timeout=120)

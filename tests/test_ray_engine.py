@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +14,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedsim.engine.ray_grid import RayGrid, RayResources, pool_size, threads_for
+from tests.conftest import run_cli
 
 
 def test_pool_size_fits_cpus_and_gpus() -> None:
@@ -144,38 +143,13 @@ def test_inline_and_ray_engines_give_bit_identical_models(tmp_path: Path) -> Non
     # number nodes alike; the same client updates because every client seeds from
     # (seed, round, partition, purpose). Ray actors run torch on one thread (their CPU
     # share), so the inline run does too: thread count changes float reduction order.
-    common = [
-        "--set",
-        "rounds=3",
-        "--set",
-        "data.num_clients=10",
-        "--set",
-        "strategy.clients_per_round=4",
-        "--set",
-        f"output_dir={tmp_path}",
-        "--set",
-        "progress=false",
-    ]
+    common = (
+        "rounds=3", "data.num_clients=10", "strategy.clients_per_round=4",
+        f"output_dir={tmp_path}", "engine.num_actors=2",
+    )  # fmt: skip
     for engine in ("inline", "ray"):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fedsim.cli",
-                "run",
-                "experiments/configs/demo.toml",
-                *common,
-                "--set",
-                f"engine.name={engine}",
-                "--set",
-                "engine.num_actors=2",
-                "--set",
-                f"name={engine}",
-            ],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            capture_output=True,
-            text=True,
-            timeout=300,
+        done = run_cli(
+            *common, f"engine.name={engine}", f"name={engine}", env={"OMP_NUM_THREADS": "1"}
         )
         assert done.returncode == 0, done.stderr[-3000:]
     inline, ray_ = (torch.load(tmp_path / e / "model.pt") for e in ("inline", "ray"))
