@@ -5,14 +5,15 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedsim import keys
-from fedsim.arrays import to_array_record
+from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients.training import LossFn, evaluate, train_epochs
+from fedsim.records import get_record, records_of
 from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
 
 OptimizerFn = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
@@ -66,37 +67,46 @@ class TorchClient:
         self.task = task
         self.device = resolve_device(task.device)
         self._model: nn.Module | None = None
-        self._decoded: tuple[tuple[Array, ...], dict[str, torch.Tensor]] | None = None
+        self._loaded: tuple[tuple[bytes, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = (
+            None
+        )
 
     def model(self, arrays: ArrayRecord) -> nn.Module:
-        """Return the process's model instance loaded with ``arrays``."""
+        """Return the process's model instance loaded with ``arrays``.
+
+        In one process a whole cohort receives the same payloads (each client's
+        record is a shallow copy, see ``fedsim.engine.execute.isolated_content``).
+        The first client of a global model decodes it and loads it with
+        ``load_state_dict``, which checks names and shapes; the cache keeps the
+        decoded tensors (and the payloads, so their identity cannot be reused),
+        and later clients copy them straight into the model's tensors: decoding
+        and ``load_state_dict`` cost more per client than a small model's step.
+        """
         if self._model is None:
             self._model = self.task.model_fn().to(self.device)
-        self._model.load_state_dict(self._decode(arrays))
-        return self._model
-
-    def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        """Deserialize ``arrays``, once per distinct global model.
-
-        In one process a whole cohort receives the very same ``Array`` objects, so
-        decoding them for each client repeats work; the cache holds the last global
-        model (keeping it alive, so identity cannot be reused) and is checked by
-        identity of every entry.
-        """
-        entries = tuple(arrays.values())
-        cached = self._decoded
+        payloads = tuple(array.data for array in arrays.values())
+        loaded = self._loaded
         if (
-            cached is None
-            or len(cached[0]) != len(entries)
-            or any(a is not b for a, b in zip(cached[0], entries, strict=True))
+            loaded is None
+            or len(loaded[0]) != len(payloads)
+            or any(a is not b for a, b in zip(loaded[0], payloads, strict=True))
         ):
-            cached = self._decoded = (entries, arrays.to_torch_state_dict())
-        return cached[1]
+            state = {
+                name: torch.from_numpy(value.copy()) for name, value in arrays_of(arrays).items()
+            }
+            self._model.load_state_dict(state)
+            targets = self._model.state_dict()
+            self._loaded = (payloads, [(targets[name], value) for name, value in state.items()])
+        else:
+            with torch.no_grad():
+                for target, value in loaded[1]:
+                    target.copy_(value)
+        return self._model
 
     def train(self, message: Message, context: Context) -> Message:
         """Train the received model on this node's partition."""
-        config = message.content.config_records[keys.CONFIG]
-        model = self.model(message.content.array_records[keys.ARRAYS])
+        config = get_record(message.content, keys.CONFIG, ConfigRecord)
+        model = self.model(get_record(message.content, keys.ARRAYS, ArrayRecord))
         dataset = self._partition(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         seed, round_ = _int(config, keys.SEED, 0), _int(config, keys.SERVER_ROUND, 0)
@@ -131,8 +141,8 @@ class TorchClient:
 
     def evaluate(self, message: Message, context: Context) -> Message:
         """Evaluate the received model on this node's partition."""
-        config = message.content.config_records.get(keys.CONFIG, ConfigRecord())
-        model = self.model(message.content.array_records[keys.ARRAYS])
+        config = records_of(message.content, ConfigRecord).get(keys.CONFIG, ConfigRecord())
+        model = self.model(get_record(message.content, keys.ARRAYS, ArrayRecord))
         dataset = self._partition(context)
         num_examples = len(cast(Sized, dataset))
         if num_examples == 0:
@@ -174,7 +184,9 @@ def resolve_device(name: str) -> torch.device:
 
 def _count_participation(context: Context) -> None:
     """Keep a per-node count of training rounds in ``Context.state``."""
-    state = context.state.config_records.setdefault(keys.CLIENT_STATE, ConfigRecord())
+    state = records_of(context.state, ConfigRecord).get(keys.CLIENT_STATE)
+    if state is None:
+        state = context.state[keys.CLIENT_STATE] = ConfigRecord()
     state[keys.ROUNDS_PARTICIPATED] = _int(state, keys.ROUNDS_PARTICIPATED, 0) + 1
 
 

@@ -43,7 +43,7 @@ def encode(value: np.ndarray) -> Array:
         return Array(value)
     if not value.flags.c_contiguous:
         value = value.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
-    data = _npy_header(value.dtype.str, value.shape) + value.tobytes()
+    data = b"".join((_npy_header(value.dtype.str, value.shape), value.data))  # one copy
     return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=_NUMPY_STYPE, data=data)
 
 
@@ -62,5 +62,12 @@ def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def to_array_record(values: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Build an ArrayRecord, keeping the order of ``values``."""
-    return ArrayRecord({name: encode(np.asarray(v)) for name, v in values.items()})
+    """Build an ArrayRecord, keeping the order of ``values``.
+
+    Entries are set one by one: ``ArrayRecord(dict_of_arrays)`` would build
+    every ``Array`` a second time.
+    """
+    record = ArrayRecord()
+    for name, value in values.items():
+        record[name] = encode(np.asarray(value))
+    return record

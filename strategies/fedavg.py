@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
+from fedsim.records import records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.aggregation import (
     InvalidReplyError,
@@ -113,9 +114,10 @@ class FedAvg(FlowerFedAvg):
         self, content: RecordDict, *, with_arrays: bool
     ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Split a reply into (weight, metrics, arrays), checking its structure."""
-        if len(content.metric_records) != 1:
-            raise InvalidReplyError(f"expected one MetricRecord, got {len(content.metric_records)}")
-        metric_record = next(iter(content.metric_records.values()))
+        metric_records = records_of(content, MetricRecord)
+        if len(metric_records) != 1:
+            raise InvalidReplyError(f"expected one MetricRecord, got {len(metric_records)}")
+        metric_record = next(iter(metric_records.values()))
         if self.weighted_by_key not in metric_record:
             raise InvalidReplyError(f"MetricRecord lacks the weight {self.weighted_by_key!r}")
         weight = metric_record[self.weighted_by_key]
@@ -123,11 +125,10 @@ class FedAvg(FlowerFedAvg):
             raise InvalidReplyError(f"weight {self.weighted_by_key!r} must be a number")
         array_vals: dict[str, np.ndarray] = {}
         if with_arrays:
-            if len(content.array_records) != 1:
-                raise InvalidReplyError(
-                    f"expected one ArrayRecord, got {len(content.array_records)}"
-                )
-            array_vals = arrays_of(next(iter(content.array_records.values())))
+            array_records = records_of(content, ArrayRecord)
+            if len(array_records) != 1:
+                raise InvalidReplyError(f"expected one ArrayRecord, got {len(array_records)}")
+            array_vals = arrays_of(next(iter(array_records.values())))
         return weight, metric_values(metric_record, exclude=self.weighted_by_key), array_vals
 
     def _valid(self, replies: Iterable[Message]) -> Iterable[Message]:

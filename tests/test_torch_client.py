@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from fedsim.arrays import arrays_of
 from fedsim.clients import TorchTask, make_client_app
 from fedsim.clients.training import evaluate, shuffled_batches
 from fedsim.engine import InlineGrid
@@ -83,6 +84,32 @@ def test_client_keeps_its_participation_count_in_context_state() -> None:
         (reply,) = grid.send_and_receive([Message(content, node, "train")])
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert grid.nodes.context(node).state["fedsim.client"]["rounds-participated"] == 3
+
+
+def test_a_cohort_decodes_the_global_model_once(monkeypatch) -> None:
+    """Every client of a round reads the same payload: decoding it per client wastes time."""
+    import fedsim.clients.torch_client as torch_client
+
+    decoded = []
+
+    def counting_arrays_of(record: ArrayRecord) -> dict:
+        decoded.append(record)
+        return arrays_of(record)
+
+    monkeypatch.setattr(torch_client, "arrays_of", counting_arrays_of)
+    task = TorchTask(
+        model_fn=lambda: nn.Linear(64, 2),
+        loss_fn=nn.CrossEntropyLoss(),
+        load_partition=lambda p, n: TensorDataset(
+            torch.zeros(4, 64), torch.zeros(4, dtype=torch.long)
+        ),
+    )
+    grid = InlineGrid(make_client_app(task), num_nodes=5)
+    strategy = FedAvg(seed=0, fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=5)
+    strategy.start(
+        grid=grid, initial_arrays=ArrayRecord(nn.Linear(64, 2).state_dict()), num_rounds=2
+    )
+    assert len(decoded) == 2  # one decode per round, not per client
 
 
 class _ListDataset(Dataset):

@@ -13,9 +13,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedsim.engine.nodes import FIRST_NODE_ID
+from fedsim.records import records_of
 from fedsim.seeding import numpy_rng
 
 CSV_COLUMNS = ("partition_id", "speed", "availability", "bandwidth_mbps")
@@ -225,5 +226,7 @@ def simulated_seconds(
 def array_bytes(content: RecordDict) -> int:
     """Return the payload bytes of every array in ``content`` (configs and metrics are noise)."""
     return sum(
-        len(array.data) for record in content.array_records.values() for array in record.values()
+        len(array.data)
+        for record in records_of(content, ArrayRecord).values()
+        for array in record.values()
     )

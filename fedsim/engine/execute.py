@@ -9,6 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fedsim.records import records_of
+
 _message_ids = count(1)
 
 
@@ -29,7 +31,11 @@ def isolated_content(content: RecordDict) -> RecordDict:
     copy = RecordDict()
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            copy[name] = ArrayRecord(dict(record))
+            # Not ArrayRecord(dict(record)): that rebuilds every Array, and clients
+            # recognise the cohort's shared model by its payloads.
+            arrays = copy[name] = ArrayRecord()
+            for key, array in record.items():
+                arrays[key] = array
         elif isinstance(record, ConfigRecord):
             copy[name] = ConfigRecord(dict(record))
         elif isinstance(record, MetricRecord):
@@ -80,7 +86,7 @@ def _describe(exc: Exception) -> str:
 
 
 def _non_finite_metric(content: RecordDict) -> str | None:
-    for record in content.metric_records.values():
+    for record in records_of(content, MetricRecord).values():
         for name, value in record.items():
             values = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
@@ -30,6 +30,7 @@ from flwr.supercore.run import Run
 from fedsim import keys
 from fedsim.engine.devices import DeviceProfile, ProfileSource, array_bytes, simulated_seconds
 from fedsim.engine.execute import assign_message_id, error_reply
+from fedsim.records import records_of
 from fedsim.seeding import numpy_rng
 
 
@@ -247,7 +248,7 @@ class HeterogeneousGrid(Grid):
 
 def _server_round(content: RecordDict) -> int | None:
     """Return the ``"server-round"`` entry of any config record in ``content``."""
-    for record in content.config_records.values():
+    for record in records_of(content, ConfigRecord).values():
         value = record.get(keys.SERVER_ROUND)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
