@@ -40,7 +40,7 @@ def _fraction(default: float) -> Any:
 
 
 Dataset = Literal["digits", "synthetic", "mnist", "emnist", "cifar10"]
-Partitioner = Literal["iid", "dirichlet", "shards", "natural"]
+Partitioner = Literal["iid", "dirichlet", "shards", "qsplit", "natural"]
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -54,6 +54,8 @@ class DataConfig:
     num_clients: int = _at_least(100, 1)
     alpha: float = _positive(0.5)
     shards_per_client: int = _at_least(2, 1)
+    # The i.i.d. fraction of "qsplit" (our reconstruction of Murata & Suzuki's q).
+    q: float = _rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     test_fraction: float = _fraction(0.2)
     synthetic_alpha: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
     synthetic_beta: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")

@@ -38,6 +38,7 @@ def federated_data(data: DataConfig, seed: int) -> FederatedData:
         seed=seed,
         alpha=data.alpha,
         shards_per_client=data.shards_per_client,
+        q=data.q,
         test_fraction=data.test_fraction,
         synthetic_alpha=data.synthetic_alpha,
         synthetic_beta=data.synthetic_beta,

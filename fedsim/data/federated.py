@@ -84,6 +84,7 @@ def build_federated_data(
     seed: int,
     alpha: float = 0.5,
     shards_per_client: int = 2,
+    q: float = 0.0,
     test_fraction: float = 0.2,
     synthetic_alpha: float = 1.0,
     synthetic_beta: float = 1.0,
@@ -98,7 +99,7 @@ def build_federated_data(
         ``"digits"`` and ``"synthetic"`` work offline; ``"mnist"``, ``"emnist"``
         and ``"cifar10"`` download from the Hugging Face Hub.
     partitioner : str
-        ``"iid"``, ``"dirichlet"`` or ``"shards"`` (see
+        ``"iid"``, ``"dirichlet"``, ``"shards"`` or ``"qsplit"`` (see
         :func:`~fedsim.data.partition.partition_indices`), or ``"natural"``: each
         Synthetic client keeps the samples it generated. ``"natural"`` goes with
         ``"synthetic"`` and only with it, since other datasets have no clients of
@@ -111,6 +112,10 @@ def build_federated_data(
         Dirichlet concentration for ``"dirichlet"``.
     shards_per_client : int
         Shards per client for ``"shards"``.
+    q : float
+        I.i.d. fraction of each client for ``"qsplit"``, in ``[0, 1]``: our
+        reconstruction of Murata & Suzuki's heterogeneity parameter (see
+        :func:`~fedsim.data.partition.qsplit_indices`).
     test_fraction : float
         Held-out fraction for ``"digits"`` and ``"synthetic"``; the Hub datasets
         keep their own test split.
@@ -151,5 +156,6 @@ def build_federated_data(
         seed=seed,
         alpha=alpha,
         shards_per_partition=shards_per_client,
+        q=q,
     )
     return FederatedData(central=central, partitions=tuple(partitions))
