@@ -6,7 +6,6 @@ from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -82,8 +81,7 @@ class TorchClient:
         and later clients copy them straight into the model's tensors: decoding
         and ``load_state_dict`` cost more per client than a small model's step.
         """
-        if self._model is None:
-            self._model = self.task.model_fn().to(self.device)
+        model = self.process_model()
         payloads = tuple(array.data for array in arrays.values())
         loaded = self._loaded
         if (
@@ -94,13 +92,19 @@ class TorchClient:
             state = {
                 name: torch.from_numpy(value.copy()) for name, value in arrays_of(arrays).items()
             }
-            self._model.load_state_dict(state)
-            targets = self._model.state_dict()
+            model.load_state_dict(state)
+            targets = model.state_dict()
             self._loaded = (payloads, [(targets[name], value) for name, value in state.items()])
         else:
             with torch.no_grad():
                 for target, value in loaded[1]:
                     target.copy_(value)
+        return model
+
+    def process_model(self) -> nn.Module:
+        """Return this process's one model instance, built on first use."""
+        if self._model is None:
+            self._model = self.task.model_fn().to(self.device)
         return self._model
 
     def train(self, message: Message, context: Context) -> Message:
@@ -193,12 +197,3 @@ def _count_participation(context: Context) -> None:
 def _int(config: ConfigRecord, key: str, default: int) -> int:
     """Read an integer entry; ConfigRecord values are typed as a wide union."""
     return int(cast(int, config.get(key, default)))
-
-
-def make_client_app(task: TorchTask) -> ClientApp:
-    """Return a ClientApp with ``train`` and ``evaluate`` handlers for ``task``."""
-    client = TorchClient(task)
-    app = ClientApp()
-    app.train()(client.train)
-    app.evaluate()(client.evaluate)
-    return app

@@ -9,11 +9,12 @@
 from collections.abc import Callable
 from functools import lru_cache
 
-from flwr.app import Context, Message, UserConfig
+from flwr.app import Context, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.clients import TorchClient
+from fedsim.clients import GradientClient
+from fedsim.clients import client_app as routed_client_app
 from fedsim.config import RunConfig, parse_config, unflatten
 from fedsim.experiment import build_task, run_on_grid
 
@@ -26,25 +27,15 @@ def config_from_run_config(run_config: UserConfig) -> RunConfig:
 
 
 @lru_cache(maxsize=4)
-def _client(config: RunConfig) -> TorchClient:
+def _client(config: RunConfig) -> GradientClient:
     # One client (model instance and data) per process and config: a Ray worker
     # builds it on its first message and reuses it for every node it simulates.
-    return TorchClient(build_task(config))
+    return GradientClient(build_task(config))
 
 
 def client_app_for(resolve: ConfigResolver) -> ClientApp:
     """Build a ClientApp whose task comes from the config ``resolve`` finds in the context."""
-    app = ClientApp()
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        return _client(resolve(context)).train(message, context)
-
-    @app.evaluate()
-    def evaluate(message: Message, context: Context) -> Message:
-        return _client(resolve(context)).evaluate(message, context)
-
-    return app
+    return routed_client_app(lambda context: _client(resolve(context)))
 
 
 def server_app_for(

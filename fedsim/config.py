@@ -93,9 +93,17 @@ class ClientConfig:
 class StrategyConfig:
     """The server's strategy and its cohorts."""
 
-    name: Literal["fedavg"] = "fedavg"
+    name: Literal["fedavg", "bvr-l-sgd", "minibatch-sgd", "local-sgd", "sarah", "scaffold"] = (
+        "fedavg"
+    )
     clients_per_round: int = _at_least(10, 1)
     evaluate_clients: int = _at_least(0, 0)
+    # The gradient-based strategies (all but fedavg) take K local steps of
+    # client.batch_size samples (b; B for minibatch-sgd and sarah) at client.lr.
+    local_steps: int = _at_least(1, 1)
+    stage_rounds: int = _at_least(10, 1)
+    reference_batch_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: full local data)")
+    server_lr: float = _positive(1.0)
 
 
 @dataclass(frozen=True)

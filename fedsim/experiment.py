@@ -6,6 +6,7 @@ progress and seeding behave the same everywhere.
 """
 
 import contextlib
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -25,7 +26,7 @@ from fedsim.models import model_factory
 from fedsim.progress import ProgressBar
 from fedsim.results import RunRecorder
 from fedsim.seeding import SERVER_NODE, derive_seed
-from fedsim.strategies import FedAvg
+from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
 
 
 @lru_cache(maxsize=2)
@@ -73,16 +74,37 @@ def build_task(config: RunConfig) -> TorchTask:
 
 def build_strategy(config: RunConfig) -> FedAvg:
     """Build the config's strategy, with cohorts given as absolute sizes."""
+    strategy = config.strategy
     population = config.data.num_clients
-    train, evaluate_ = config.strategy.clients_per_round, config.strategy.evaluate_clients
-    return FedAvg(
-        seed=config.seed,
-        fraction_train=train / population,
-        min_train_nodes=train,
-        fraction_evaluate=evaluate_ / population,
-        min_evaluate_nodes=evaluate_,
-        min_available_nodes=max(train, evaluate_),
-    )
+    train, evaluate_ = strategy.clients_per_round, strategy.evaluate_clients
+    cohorts: dict[str, Any] = {
+        "seed": config.seed,
+        "fraction_train": train / population,
+        "min_train_nodes": train,
+        "fraction_evaluate": evaluate_ / population,
+        "min_evaluate_nodes": evaluate_,
+        "min_available_nodes": max(train, evaluate_),
+    }
+    if strategy.name == "fedavg":
+        return FedAvg(**cohorts)
+    gradient = {
+        **cohorts,
+        "lr": config.client.lr,
+        "batch_size": config.client.batch_size,
+        "local_steps": strategy.local_steps,
+    }
+    staged = {
+        "stage_rounds": strategy.stage_rounds,
+        "reference_batch_size": strategy.reference_batch_size,
+    }
+    builders: dict[str, Callable[[], FedAvg]] = {
+        "bvr-l-sgd": lambda: BVRLSGD(**gradient, **staged),
+        "sarah": lambda: SARAH(**gradient, **staged),
+        "minibatch-sgd": lambda: MinibatchSGD(**gradient),
+        "local-sgd": lambda: LocalSGD(**gradient),
+        "scaffold": lambda: SCAFFOLD(**gradient, server_lr=strategy.server_lr),
+    }
+    return builders[strategy.name]()
 
 
 def train_config(config: RunConfig) -> ConfigRecord:

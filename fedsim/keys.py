@@ -13,12 +13,24 @@ ARRAYS: Final = "arrays"
 CONFIG: Final = "config"
 METRICS: Final = "metrics"
 
+# Records the gradient-based strategies (BVR-L-SGD and its baselines) add.
+ESTIMATE: Final = "estimate"  # the server's gradient estimate, sent with a local routine
+CONTROL: Final = "control"  # SCAFFOLD: the server's control variate down, its change up
+
+# Message types (Flower "actions") of the gradient-based strategies' exchanges.
+TRAIN_ANCHOR: Final = "train.anchor"  # gradient at a stage's anchor point, remembered
+TRAIN_GRADIENT: Final = "train.gradient"  # gradient at a point on a fresh minibatch
+TRAIN_ESTIMATE: Final = "train.estimate"  # g(x; I) - g(x_prev; I) on one minibatch I
+TRAIN_LOCAL: Final = "train.local"  # K local steps (SGD, or SARAH-corrected from an estimate)
+TRAIN_SCAFFOLD: Final = "train.scaffold"  # K local steps with control variates
+
 # ConfigRecord entries sent by the server.
 SERVER_ROUND: Final = "server-round"
 SEED: Final = "seed"
 LR: Final = "lr"
 LOCAL_EPOCHS: Final = "local-epochs"
 BATCH_SIZE: Final = "batch-size"
+LOCAL_STEPS: Final = "local-steps"  # K; gradient strategies count steps, not epochs
 
 # MetricRecord entries sent back by clients.
 NUM_EXAMPLES: Final = "num-examples"
@@ -34,3 +46,5 @@ NUM_PARTITIONS: Final = "num-partitions"
 # Context.state entries a client keeps across rounds.
 CLIENT_STATE: Final = "fedsim.client"
 ROUNDS_PARTICIPATED: Final = "rounds-participated"
+PREVIOUS_POINT: Final = "fedsim.previous-point"  # the last point a node's gradient was taken at
+CLIENT_CONTROL: Final = "fedsim.control"  # SCAFFOLD's client control variate c_p

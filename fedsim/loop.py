@@ -3,20 +3,49 @@
 It drives any ``flwr.serverapp.strategy.Strategy`` exactly as Flower's
 ``Strategy.start`` does (configure -> ``grid.send_and_receive`` -> aggregate, for
 training then evaluation, then centralized evaluation), and adds what a
-simulation user needs around each round: timing, reply and failure counts, and
-a :class:`RoundReport` handed to observers (progress bar, metrics files).
+simulation user needs around each round: timing, reply and failure counts,
+communication volume, and a :class:`RoundReport` handed to observers (progress
+bar, metrics files).
+
+Training may take several exchanges per round (BVR-L-SGD asks every worker for a
+gradient estimate, then one worker for its local model). Such a strategy has a
+``train_round`` generator (:class:`MultiExchangeStrategy`) that yields each
+exchange's messages and receives its replies; a plain Flower strategy's
+configure/aggregate pair is the one-exchange case. Both go through the same
+code below, so counting, timing and seeding never depend on the strategy.
 """
 
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.records import records_of
+
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+TrainResult = tuple[ArrayRecord | None, MetricRecord | None]
+# Yields each exchange's messages, receives that exchange's replies, returns what
+# ``Strategy.aggregate_train`` returns.
+TrainRound = Generator[Iterable[Message], Iterable[Message], TrainResult]
+
+
+@runtime_checkable
+class MultiExchangeStrategy(Protocol):
+    """A strategy whose training round is a sequence of exchanges.
+
+    ``train_round`` must consume an exchange's replies before it yields the
+    next exchange (or returns): the loop then knows the exchange is over.
+    """
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainRound:
+        """Run one round's exchanges; return the new global arrays and metrics."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,9 @@ class RoundReport:
     simulated_s: float | None = None
     unavailable: int = 0
     late: int = 0
+    exchanges: int = 0
+    downlink_floats: int = 0
+    uplink_floats: int = 0
 
     def as_row(self) -> dict[str, object]:
         """Return a flat JSON-ready row with ``train_*``, ``evaluate_*``, ``central_*`` metrics."""
@@ -72,19 +104,96 @@ class _DeviceTimes:
         self.late += timing.late
 
 
-class _CountedReplies:
-    """Pass replies through to the strategy, counting replies and error replies."""
+class _Traffic:
+    """Count a round's exchanges, replies, failures and floats sent each way.
 
-    def __init__(self, replies: Iterable[Message]) -> None:
-        self._replies = replies
-        self.count = 0
-        self.failures = 0
+    Floats are the elements of every ``ArrayRecord`` in a message's content,
+    counted per message: a model sent to ten clients is ten models of downlink,
+    as it would be on a network, even though the simulation shares one copy.
+    """
 
-    def __iter__(self) -> Iterator[Message]:
-        for reply in self._replies:
-            self.count += 1
-            self.failures += reply.has_error()
+    def __init__(self) -> None:
+        self.exchanges = self.replies = self.failures = 0
+        self.downlink_floats = self.uplink_floats = 0
+        self.last_exchange_size = 0
+
+    def sent(self, messages: Iterable[Message]) -> Iterator[Message]:
+        """Pass an exchange's messages through, counting them; sets ``last_exchange_size``."""
+        self.last_exchange_size = 0
+        last_content, last_floats = None, 0
+        for message in messages:
+            if message.content is not last_content:  # a cohort usually shares one RecordDict
+                last_content, last_floats = message.content, _floats_in(message.content)
+            self.downlink_floats += last_floats
+            self.last_exchange_size += 1
+            yield message
+        self.exchanges += self.last_exchange_size > 0
+
+    def received(self, replies: Iterable[Message]) -> Iterator[Message]:
+        """Pass replies through, counting them, their failures and their floats."""
+        for reply in replies:
+            self.replies += 1
+            if reply.has_error():
+                self.failures += 1
+            else:
+                self.uplink_floats += _floats_in(reply.content)
             yield reply
+
+
+def _floats_in(content: RecordDict) -> int:
+    return sum(
+        math.prod(array.shape)
+        for record in records_of(content, ArrayRecord).values()
+        for array in record.values()
+    )
+
+
+def train_exchanges(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+) -> TrainRound:
+    """Return a round's training as exchanges, for any strategy."""
+    if isinstance(strategy, MultiExchangeStrategy):
+        return strategy.train_round(server_round, arrays, config, grid)
+    return _one_exchange(strategy, server_round, arrays, config, grid)
+
+
+def _one_exchange(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+) -> TrainRound:
+    replies = yield strategy.configure_train(server_round, arrays, config, grid)
+    return strategy.aggregate_train(server_round, replies)
+
+
+def _exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    traffic: _Traffic,
+    devices: _DeviceTimes,
+    timeout: float | None,
+) -> Iterator[Message]:
+    """Send one exchange's messages and stream its replies, counting both."""
+    yield from traffic.received(grid.send_and_receive(traffic.sent(messages), timeout=timeout))
+    if traffic.last_exchange_size:  # an empty exchange leaves the grid's last timing as it was
+        devices.add_last_exchange()
+
+
+def _run_training(
+    rounds: TrainRound,
+    grid: Grid,
+    traffic: _Traffic,
+    devices: _DeviceTimes,
+    timeout: float | None,
+) -> TrainResult:
+    """Drive a :data:`TrainRound` to its end, one exchange at a time."""
+    try:
+        messages = next(rounds)
+        while True:
+            replies = _exchange(grid, messages, traffic, devices, timeout)
+            messages = rounds.send(replies)
+            for _ in replies:  # replies the strategy left unread still count
+                pass
+    except StopIteration as done:
+        return done.value
 
 
 def run_rounds(
@@ -119,39 +228,41 @@ def run_rounds(
     arrays = initial_arrays
     for round_ in range(1, num_rounds + 1):
         round_start = time.perf_counter()
-        devices = _DeviceTimes(grid)
-        replies = _CountedReplies(
-            grid.send_and_receive(
-                strategy.configure_train(round_, arrays, train_config, grid), timeout=timeout
-            )
+        devices, traffic = _DeviceTimes(grid), _Traffic()
+        new_arrays, train_metrics = _run_training(
+            train_exchanges(strategy, round_, arrays, train_config, grid),
+            grid,
+            traffic,
+            devices,
+            timeout,
         )
-        new_arrays, train_metrics = strategy.aggregate_train(round_, replies)
-        devices.add_last_exchange()
         arrays = new_arrays if new_arrays is not None else arrays
-        evaluate_metrics = strategy.aggregate_evaluate(
-            round_,
-            grid.send_and_receive(
-                strategy.configure_evaluate(
-                    round_, arrays, evaluate_config or ConfigRecord(), grid
-                ),
-                timeout=timeout,
-            ),
+        evaluate_replies = _exchange(
+            grid,
+            strategy.configure_evaluate(round_, arrays, evaluate_config or ConfigRecord(), grid),
+            traffic,
+            devices,
+            timeout,
         )
-        if evaluate_metrics is not None:
-            devices.add_last_exchange()
+        evaluate_metrics = strategy.aggregate_evaluate(round_, evaluate_replies)
+        for _ in evaluate_replies:
+            pass
         report = RoundReport(
             round=round_,
             num_rounds=num_rounds,
             train=_floats(train_metrics),
             evaluate=_floats(evaluate_metrics),
             central=central(round_, arrays),
-            replies=replies.count,
-            failures=replies.failures,
+            replies=traffic.replies,
+            failures=traffic.failures,
             round_s=time.perf_counter() - round_start,
             elapsed_s=time.perf_counter() - start,
             simulated_s=devices.simulated_s,
             unavailable=devices.unavailable,
             late=devices.late,
+            exchanges=traffic.exchanges,
+            downlink_floats=traffic.downlink_floats,
+            uplink_floats=traffic.uplink_floats,
         )
         _notify(observers, report)
     return arrays

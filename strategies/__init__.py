@@ -1,5 +1,10 @@
 """Federated strategies: Flower ``Strategy`` subclasses, usable under any Flower runtime."""
 
+from fedsim.strategies.bvr_l_sgd import BVRLSGD
 from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.local_sgd import LocalSGD
+from fedsim.strategies.minibatch_sgd import MinibatchSGD
+from fedsim.strategies.sarah import SARAH
+from fedsim.strategies.scaffold import SCAFFOLD
 
-__all__ = ["FedAvg"]
+__all__ = ["BVRLSGD", "SARAH", "SCAFFOLD", "FedAvg", "LocalSGD", "MinibatchSGD"]

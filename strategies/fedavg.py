@@ -65,18 +65,30 @@ class FedAvg(FlowerFedAvg):
     def _configure(
         self, server_round: int, record: RecordDict, grid: Grid, message_type: str
     ) -> list[Message]:
-        is_train = message_type == MessageType.TRAIN
-        fraction = self.fraction_train if is_train else self.fraction_evaluate
-        minimum = self.min_train_nodes if is_train else self.min_evaluate_nodes
+        cohort = self._cohort(server_round, grid, train=message_type == MessageType.TRAIN)
+        return self._messages(server_round, record, cohort, message_type)
+
+    def _cohort(self, server_round: int, grid: Grid, *, train: bool) -> list[int]:
+        """Draw the round's training (or evaluation) cohort from a seeded generator."""
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        minimum = self.min_train_nodes if train else self.min_evaluate_nodes
         if fraction == 0.0:
             return []
         node_ids = available_nodes(grid, max(self.min_available_nodes, minimum))
         size = min(max(int(len(node_ids) * fraction), minimum), len(node_ids))
-        rng = numpy_rng(self.seed, server_round, SERVER_NODE, f"sample-{message_type}")
-        cohort = sample_cohort(node_ids, size, rng)
-        logger.debug("%s: sampled %d of %d nodes", message_type, len(cohort), len(node_ids))
+        purpose = f"sample-{MessageType.TRAIN if train else MessageType.EVALUATE}"
+        cohort = sample_cohort(
+            node_ids, size, numpy_rng(self.seed, server_round, SERVER_NODE, purpose)
+        )
+        logger.debug("%s: sampled %d of %d nodes", purpose, len(cohort), len(node_ids))
+        return cohort
+
+    def _messages(
+        self, server_round: int, record: RecordDict, node_ids: Iterable[int], message_type: str
+    ) -> list[Message]:
+        """Address ``record`` to each node, stamping the round into its config."""
         record.config_records[self.configrecord_key][keys.SERVER_ROUND] = server_round
-        return [Message(record, node_id, message_type) for node_id in cohort]
+        return [Message(record, node_id, message_type) for node_id in node_ids]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -90,7 +102,7 @@ class FedAvg(FlowerFedAvg):
                 metrics.check(metric_vals, weight)
                 arrays.add(array_vals, weight)
             except InvalidReplyError as exc:
-                _reject(reply, str(exc))
+                skip_reply(reply, str(exc))
                 continue
             metrics.add(metric_vals, weight)
         if arrays.count == 0:
@@ -107,7 +119,7 @@ class FedAvg(FlowerFedAvg):
                 weight, metric_vals, _ = self._unpack(reply.content, with_arrays=False)
                 metrics.add(metric_vals, weight)
             except InvalidReplyError as exc:
-                _reject(reply, str(exc))
+                skip_reply(reply, str(exc))
         return to_metric_record(metrics.mean()) if metrics.count else None
 
     def _unpack(
@@ -135,10 +147,11 @@ class FedAvg(FlowerFedAvg):
         """Yield replies that carry content; log and skip error replies."""
         for reply in replies:
             if reply.has_error():
-                _reject(reply, reply.error.reason or f"error code {reply.error.code}")
+                skip_reply(reply, reply.error.reason or f"error code {reply.error.code}")
             else:
                 yield reply
 
 
-def _reject(reply: Message, reason: str) -> None:
+def skip_reply(reply: Message, reason: str) -> None:
+    """Log why a reply does not count; strategies skip it and go on."""
     logger.warning("Skipping reply from node %d: %s", reply.metadata.src_node_id, reason)

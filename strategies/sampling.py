@@ -13,7 +13,8 @@ logger = logging.getLogger(__name__)
 def available_nodes(grid: Grid, minimum: int, *, poll_s: float = 1.0) -> Sequence[int]:
     """Return the grid's node ids once at least ``minimum`` are connected.
 
-    Simulation engines return a ``range`` (no copy, whatever the population);
+    Simulation engines return a ``range`` (no copy, whatever the population), and
+    that population never grows, so too few nodes there is an error, not a wait;
     under Flower's deployment runtime nodes connect over time, so we wait for them
     as Flower's own strategies do.
     """
@@ -23,6 +24,11 @@ def available_nodes(grid: Grid, minimum: int, *, poll_s: float = 1.0) -> Sequenc
             node_ids = list(node_ids)
         if len(node_ids) >= minimum:
             return node_ids
+        if isinstance(node_ids, range):
+            raise ValueError(
+                f"the strategy needs at least {minimum} nodes (min_*_nodes, "
+                f"min_available_nodes) but the simulated population has {len(node_ids)}"
+            )
         logger.info("Waiting for nodes: %d connected, %d needed", len(node_ids), minimum)
         time.sleep(poll_s)
 

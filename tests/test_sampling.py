@@ -6,7 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from fedsim.engine import InlineGrid
 from fedsim.strategies import FedAvg
-from fedsim.strategies.sampling import sample_cohort
+from fedsim.strategies.sampling import available_nodes, sample_cohort
 
 
 def _cohort(strategy: FedAvg, grid: InlineGrid, round_: int) -> list[int]:
@@ -55,3 +55,10 @@ def test_sampling_a_million_node_population_touches_only_the_cohort() -> None:
 def test_sample_cohort_rejects_impossible_sizes() -> None:
     with pytest.raises(ValueError, match="cannot sample 11 nodes from 10"):
         sample_cohort(range(10), 11, np.random.default_rng(0))
+
+
+def test_a_simulated_population_too_small_for_the_strategy_is_an_error_not_a_wait(
+    grid: InlineGrid,
+) -> None:
+    with pytest.raises(ValueError, match="needs at least 1001 nodes .* population has 1000"):
+        available_nodes(grid, 1001)

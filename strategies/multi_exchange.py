@@ -1,0 +1,225 @@
+"""Base of strategies whose rounds take several exchanges (BVR-L-SGD and its baselines).
+
+Flower's ``Strategy`` has one configure/aggregate pair per round. A strategy
+derived from :class:`GradientStrategy` instead writes its round as a generator
+(``train_round``) that yields each exchange's messages and receives the replies;
+``fedsim.loop.run_rounds`` drives it, so progress, metrics, seeding and traffic
+counts stay in the loop. ``start`` runs that same loop, so the strategy also works
+in a plain Flower ``ServerApp`` on Flower's deployment runtime.
+
+These strategies follow the paper's notation: the objective is the *unweighted*
+mean of the workers' losses, f = (1/P) sum_p f_p, so every mean below is over
+workers, not examples; and the global model is a point x of parameters (no
+buffers).
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from fedsim import keys
+from fedsim.arrays import arrays_of
+from fedsim.loop import RoundReport, TrainRound, run_rounds
+from fedsim.records import get_record
+from fedsim.seeding import SERVER_NODE, numpy_rng
+from fedsim.strategies.aggregation import (
+    InvalidReplyError,
+    WeightedMean,
+    shapes_of,
+    to_metric_record,
+)
+from fedsim.strategies.fedavg import FedAvg, skip_reply
+
+Vector = dict[str, np.ndarray]
+
+
+class GradientStrategy(FedAvg):
+    """Shared machinery: worker cohorts, per-exchange configs, reply means, ``start``.
+
+    Parameters
+    ----------
+    lr
+        Step size η (sent to clients for local steps, used by the server for
+        server-side steps).
+    batch_size
+        Minibatch size b of local steps, or B of the non-local methods' gradients.
+    local_steps
+        K, the number of local steps per round (local methods).
+    seed, flower_kwargs
+        As for :class:`fedsim.strategies.FedAvg` (cohort fractions and minimums);
+        the paper's experiments use every worker each round (``fraction_train=1``).
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        batch_size: int,
+        local_steps: int = 1,
+        seed: int = 0,
+        **flower_kwargs: object,
+    ) -> None:
+        super().__init__(seed=seed, **flower_kwargs)
+        for name, value, low in (
+            ("lr", lr, 0),
+            ("batch_size", batch_size, 0),
+            ("local_steps", local_steps, 0),
+        ):
+            if not value > low:
+                raise ValueError(f"{name} must be > {low}, got {value}")
+        self.lr, self.batch_size, self.local_steps = lr, batch_size, local_steps
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainRound:
+        """Run one round's exchanges; subclasses implement it."""
+        raise NotImplementedError
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Refuse: a round of this strategy is several exchanges (see ``train_round``)."""
+        raise self._not_one_exchange()
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Refuse, as :meth:`configure_train` does."""
+        raise self._not_one_exchange()
+
+    def _not_one_exchange(self) -> TypeError:
+        return TypeError(
+            f"{type(self).__name__} runs several exchanges per round: drive it with "
+            "strategy.start(...) or fedsim.loop.run_rounds, not configure_train/aggregate_train"
+        )
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the strategy on ``grid`` as Flower's ``Strategy.start`` does, with fedsim's loop."""
+        result = Result()
+
+        class _Collect:
+            def on_round(self, report: RoundReport) -> None:
+                for store, metrics in (
+                    (result.train_metrics_clientapp, report.train),
+                    (result.evaluate_metrics_clientapp, report.evaluate),
+                    (result.evaluate_metrics_serverapp, report.central),
+                ):
+                    if metrics:
+                        store[report.round] = MetricRecord(dict(metrics))
+
+        result.arrays = run_rounds(
+            strategy=self,
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=num_rounds,
+            train_config=train_config or ConfigRecord(),
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+            timeout=timeout,
+            observers=[_Collect()],
+        )
+        return result
+
+    # ------------------------------------------------------------------ helpers
+
+    def workers(self, server_round: int, grid: Grid) -> list[int]:
+        """Return the round's workers: a seeded cohort (all nodes by default)."""
+        return self._cohort(server_round, grid, train=True)
+
+    def exchange_config(
+        self, config: ConfigRecord, *, batch_size: int | None = None, lr: float | None = None
+    ) -> ConfigRecord:
+        """Return the config of one exchange: the run's (seed) plus this strategy's settings."""
+        return ConfigRecord(
+            {
+                **config,
+                keys.LR: self.lr if lr is None else lr,
+                keys.BATCH_SIZE: self.batch_size if batch_size is None else batch_size,
+                keys.LOCAL_STEPS: self.local_steps,
+            }
+        )
+
+    def send(
+        self,
+        server_round: int,
+        node_ids: Iterable[int],
+        message_type: str,
+        config: ConfigRecord,
+        **records: ArrayRecord,
+    ) -> list[Message]:
+        """Address one RecordDict (config plus named array records) to every node."""
+        content = RecordDict({**records, self.configrecord_key: config})
+        return self._messages(server_round, content, node_ids, message_type)
+
+    def mean_of_replies(
+        self, replies: Iterable[Message], shapes: dict[str, tuple[int, ...]], *names: str
+    ) -> tuple[list[Vector], MetricRecord | None, list[int]]:
+        """Return the unweighted mean over valid replies of each named array record.
+
+        Also returns the mean metrics and the ids of the nodes whose replies
+        counted. Error and malformed replies are logged and skipped.
+        """
+        means = [WeightedMean(shapes) for _ in names]
+        metrics = WeightedMean()
+        counted = []
+        for reply, vectors, metric_vals in self._unpacked(replies, names):
+            try:
+                for mean, vector in zip(means, vectors, strict=True):
+                    mean.check(vector, 1.0)
+                metrics.check(metric_vals, 1.0)
+            except InvalidReplyError as exc:
+                skip_reply(reply, str(exc))
+                continue
+            for mean, vector in zip(means, vectors, strict=True):
+                mean.add(vector, 1.0)
+            metrics.add(metric_vals, 1.0)
+            counted.append(reply.metadata.src_node_id)
+        if not counted:
+            return [], None, []
+        return [mean.mean() for mean in means], to_metric_record(metrics.mean()), counted
+
+    def _unpacked(
+        self, replies: Iterable[Message], names: tuple[str, ...]
+    ) -> Iterator[tuple[Message, list[Vector], dict[str, np.ndarray]]]:
+        for reply in self._valid(replies):
+            try:
+                vectors = [
+                    arrays_of(get_record(reply.content, name, ArrayRecord)) for name in names
+                ]
+                metric_record = get_record(reply.content, keys.METRICS, MetricRecord)
+            except KeyError as exc:
+                skip_reply(reply, str(exc))
+                continue
+            metric_vals = {
+                name: np.asarray(value, dtype=np.float64)
+                for name, value in metric_record.items()
+                if name != self.weighted_by_key
+            }
+            yield reply, vectors, metric_vals
+
+    def pick(self, server_round: int, node_ids: list[int], purpose: str = "pick") -> int:
+        """Draw one node uniformly from ``node_ids`` with a generator seeded by the round."""
+        rng = numpy_rng(self.seed, server_round, SERVER_NODE, purpose)
+        return node_ids[int(rng.integers(len(node_ids)))]
+
+
+def shapes_and_vector(arrays: ArrayRecord) -> tuple[dict[str, tuple[int, ...]], Vector]:
+    """Return the model's shapes and its arrays as writable NumPy copies."""
+    return shapes_of(arrays), {name: np.array(value) for name, value in arrays_of(arrays).items()}
+
+
+def step(point: Vector, direction: Vector, lr: float) -> Vector:
+    """Return point - lr * direction, in the point's dtype."""
+    return {name: (point[name] - lr * direction[name]).astype(point[name].dtype) for name in point}
