@@ -39,14 +39,14 @@ def client_app_for(resolve: ConfigResolver) -> ClientApp:
 
 
 def server_app_for(
-    resolve: ConfigResolver, *, engine: str, summaries: list | None = None
+    resolve: ConfigResolver, *, engine: str, summaries: list | None = None, resume: bool = False
 ) -> ServerApp:
     """Build a ServerApp that runs the resolved config on whatever grid Flower provides."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_on_grid(resolve(context), grid, engine=engine)
+        summary = run_on_grid(resolve(context), grid, engine=engine, resume=resume)
         if summaries is not None:
             summaries.append(summary)
 

@@ -25,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         config = load_config(args.config, args.set)
+        if args.resume:
+            from fedsim.results import check_resumable
+
+            check_resumable(config)
     except ConfigError as exc:
         console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
@@ -33,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(console, verbose=args.verbose)
 
     try:
-        summary = run_experiment(config)
+        summary = run_experiment(config, resume=args.resume)
     except KeyboardInterrupt:
         console.print(f"fedsim: interrupted; results so far are in {config.run_dir}/")
         return EXIT_INTERRUPTED
@@ -76,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set rounds=5 --set data.alpha=0.1 (repeatable)",
     )  # fmt: skip
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run from its last checkpoint (rounds may be raised to extend it)",
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
     run.add_argument("--debug", action="store_true", help="show the traceback when a run fails")
     return parser

@@ -152,6 +152,9 @@ class RunConfig:
     output_dir: str = "runs"
     plot: bool = True
     progress: bool = True
+    checkpoint_every: int = _rule(
+        1, lambda v: v >= 0, "an integer >= 0 (rounds between checkpoints; 0: none)"
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     client: ClientConfig = field(default_factory=ClientConfig)

@@ -24,7 +24,7 @@ from fedsim.data import FederatedData, build_federated_data
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.models import model_factory
 from fedsim.progress import ProgressBar
-from fedsim.results import RunRecorder
+from fedsim.results import RunRecorder, check_resumable, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
 
@@ -163,17 +163,22 @@ def with_devices(devices: DevicesConfig, grid: Grid, *, seed: int) -> Grid:
 
 
 def run_on_grid(
-    config: RunConfig, grid: Grid, *, engine: str, **engine_info: Any
+    config: RunConfig, grid: Grid, *, engine: str, resume: bool = False, **engine_info: Any
 ) -> dict[str, Any]:
     """Run ``config`` on ``grid`` with progress and result files; return the summary.
 
     The summary and metrics are written even when the run fails or is
-    interrupted, with ``status`` saying so; ``engine_info`` (e.g. Ray's start-up
-    time) goes into the summary.
+    interrupted, with ``status`` saying so, and a checkpoint after every
+    ``checkpoint_every`` rounds lets ``resume=True`` continue from the last one.
+    ``engine_info`` (e.g. Ray's start-up time) goes into the summary.
     """
     task = build_task(config)
     grid = with_devices(config.devices, grid, seed=config.seed)
-    recorder = RunRecorder(config)
+    checkpoint = checkpoint_of(config)
+    resume_after = check_resumable(config) if resume else None
+    if checkpoint is not None and not resume:
+        checkpoint.path.unlink(missing_ok=True)  # a fresh run must not continue an old one
+    recorder = RunRecorder(config, resume_after=resume_after)
     status = "failed"
     arrays = None
     try:
@@ -195,6 +200,7 @@ def run_on_grid(
                 eval_every=config.eval_every,
                 timeout=config.engine.timeout_s,
                 observers=observers,
+                checkpoint=checkpoint,
             )
         status = "completed"
     except KeyboardInterrupt:

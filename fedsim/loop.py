@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedsim.checkpoint import RunCheckpoint
 from fedsim.records import records_of
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -208,12 +209,14 @@ def run_rounds(
     eval_every: int = 1,
     timeout: float | None = None,
     observers: Sequence[RoundObserver] = (),
+    checkpoint: RunCheckpoint | None = None,
 ) -> ArrayRecord:
     """Run ``num_rounds`` rounds of ``strategy`` on ``grid``; return the final arrays.
 
     Centralized evaluation runs before the first round, every ``eval_every``
     rounds and after the last. A round whose replies all fail keeps the previous
-    global arrays.
+    global arrays. With ``checkpoint``, a saved run continues after its last
+    saved round (strategy and grid state restored), and every round is saved.
     """
     start = time.perf_counter()
 
@@ -222,11 +225,16 @@ def run_rounds(
         result = evaluate_fn(round_, arrays) if (evaluate_fn and due) else None
         return _floats(result)
 
-    _notify(
-        observers, RoundReport(round=0, num_rounds=num_rounds, central=central(0, initial_arrays))
-    )
-    arrays = initial_arrays
-    for round_ in range(1, num_rounds + 1):
+    saved = checkpoint.restore(strategy, grid) if checkpoint is not None else None
+    if saved is None:
+        arrays, first_round = initial_arrays, 1
+        _notify(
+            observers,
+            RoundReport(round=0, num_rounds=num_rounds, central=central(0, initial_arrays)),
+        )
+    else:
+        arrays, first_round = saved.arrays, saved.round + 1
+    for round_ in range(first_round, num_rounds + 1):
         round_start = time.perf_counter()
         devices, traffic = _DeviceTimes(grid), _Traffic()
         new_arrays, train_metrics = _run_training(
@@ -265,6 +273,8 @@ def run_rounds(
             uplink_floats=traffic.uplink_floats,
         )
         _notify(observers, report)
+        if checkpoint is not None:
+            checkpoint.save(round_, arrays, strategy, grid)
     return arrays
 
 

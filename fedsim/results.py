@@ -11,26 +11,73 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fedsim.config import RunConfig
+from fedsim.checkpoint import RunCheckpoint
+from fedsim.config import ConfigError, RunConfig
 from fedsim.loop import RoundReport
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PLOT_FILE = "metrics.png"
+CHECKPOINT_FILE = "checkpoint.pt"
+# Settings a resumed run may change: how long it runs and how it shows progress.
+_RESUMABLE_CHANGES = {"rounds", "progress", "plot"}
+
+
+def checkpoint_of(config: RunConfig) -> RunCheckpoint | None:
+    """Return the run's checkpoint file, or ``None`` when checkpoints are off."""
+    if not config.checkpoint_every:
+        return None
+    return RunCheckpoint(config.run_dir / CHECKPOINT_FILE, every=config.checkpoint_every)
+
+
+def check_resumable(config: RunConfig) -> int:
+    """Return the last saved round of ``config``'s run; raise ``ConfigError`` if it cannot resume.
+
+    The saved run must have the same settings (``rounds`` may grow: a resumed run
+    can also extend a finished one).
+    """
+    checkpoint = checkpoint_of(config)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is None:
+        raise ConfigError(f"nothing to resume: no {CHECKPOINT_FILE} in {config.run_dir}/")
+    before = json.loads((config.run_dir / CONFIG_FILE).read_text())
+    now = json.loads(json.dumps(asdict(config)))
+    changed = sorted(
+        key
+        for key in set(before) | set(now)
+        if key not in _RESUMABLE_CHANGES and before.get(key) != now.get(key)
+    )
+    if changed:
+        raise ConfigError(
+            f"cannot resume {config.run_dir}/ with other settings ({', '.join(changed)} "
+            "differ); only rounds, progress and plot may change"
+        )
+    if saved.round >= config.rounds:
+        raise ConfigError(
+            f"the run already has {saved.round} rounds; set rounds > {saved.round} to extend it"
+        )
+    return saved.round
 
 
 class RunRecorder:
     """Write ``runs/<name>/``: config.json, metrics.jsonl, summary.json, metrics.png."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, *, resume_after: int | None = None) -> None:
         self.config = config
         self.run_dir = config.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
-        self._metrics = (self.run_dir / METRICS_FILE).open("w")
-        self._started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+        if resume_after is not None:
+            # Rounds after the checkpoint (the interrupted one's partial work) are dropped.
+            with (self.run_dir / METRICS_FILE).open() as lines:
+                rows = [json.loads(line) for line in lines if line.strip()]
+            self.rows = [row for row in rows if row["round"] <= resume_after]
+        self._metrics = (self.run_dir / METRICS_FILE).open("w")
+        for row in self.rows:
+            self._metrics.write(json.dumps(row) + "\n")
+        self._started = time.perf_counter()
 
     def on_round(self, report: RoundReport) -> None:
         """Append the round's row to ``metrics.jsonl`` and flush it."""

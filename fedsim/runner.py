@@ -8,21 +8,24 @@ from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, run_on_grid
 
 
-def run_experiment(config: RunConfig) -> dict[str, Any]:
-    """Run ``config`` to the end and return its summary (also in ``runs/<name>/``)."""
+def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Run ``config`` to the end and return its summary (also in ``runs/<name>/``).
+
+    ``resume`` continues the run from its last checkpoint.
+    """
     if config.engine.name == "flower":
-        return _run_on_flower_simulation(config)
+        return _run_on_flower_simulation(config, resume=resume)
     if config.engine.name == "ray":
-        return _run_on_ray(config)
+        return _run_on_ray(config, resume=resume)
     grid = InlineGrid(
         make_client_app(build_task(config)),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
     )
-    return run_on_grid(config, grid, engine="inline")
+    return run_on_grid(config, grid, engine="inline", resume=resume)
 
 
-def _run_on_ray(config: RunConfig) -> dict[str, Any]:
+def _run_on_ray(config: RunConfig, *, resume: bool) -> dict[str, Any]:
     """Run on fedsim's Ray engine; each actor builds the task from the config itself."""
     from fedsim.app import client_app_for
     from fedsim.engine.ray_grid import RayGrid, RayResources
@@ -41,12 +44,12 @@ def _run_on_ray(config: RunConfig) -> dict[str, Any]:
         address=engine.ray_address,
     ) as grid:
         return run_on_grid(
-            config, grid, engine="ray", ray_startup_s=round(grid.startup_s, 3),
+            config, grid, engine="ray", resume=resume, ray_startup_s=round(grid.startup_s, 3),
             ray_actors=grid.num_actors,
         )  # fmt: skip
 
 
-def _run_on_flower_simulation(config: RunConfig) -> dict[str, Any]:
+def _run_on_flower_simulation(config: RunConfig, *, resume: bool) -> dict[str, Any]:
     """Run under Flower's own ``run_simulation`` (Ray backend): the reference runtime."""
     from flwr.simulation import run_simulation
 
@@ -54,7 +57,9 @@ def _run_on_flower_simulation(config: RunConfig) -> dict[str, Any]:
 
     summaries: list[dict[str, Any]] = []
     run_simulation(
-        server_app=server_app_for(lambda _: config, engine="flower", summaries=summaries),
+        server_app=server_app_for(
+            lambda _: config, engine="flower", summaries=summaries, resume=resume
+        ),
         client_app=client_app_for(lambda _: config),
         num_supernodes=config.data.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},

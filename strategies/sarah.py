@@ -12,6 +12,7 @@ this class for :meth:`SARAH.refresh_estimate`.
 """
 
 from collections.abc import Generator, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -46,6 +47,14 @@ class SARAH(GradientStrategy):
         self.stage_rounds = stage_rounds
         self.reference_batch_size = reference_batch_size
         self.estimate: Vector | None = None  # v (ṽ_t) after the last round
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the server's estimate, for run checkpoints."""
+        return {"estimate": self.estimate}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the estimate from :meth:`state_dict`."""
+        self.estimate = state["estimate"]
 
     @property
     def estimate_batch_size(self) -> int:

@@ -8,6 +8,8 @@ steps x <- x + η_g mean Δy and c <- c + (|S| / N) mean Δc, |S| the workers th
 replied and N the population. 2d each way per worker.
 """
 
+from typing import Any
+
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
@@ -27,6 +29,14 @@ class SCAFFOLD(GradientStrategy):
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
         self.server_lr = server_lr
         self.control: Vector | None = None  # the server's c
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the server's control variate, for run checkpoints."""
+        return {"control": self.control}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the control variate from :meth:`state_dict`."""
+        self.control = state["control"]
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

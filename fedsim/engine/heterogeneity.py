@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedsim import keys
+from fedsim.checkpoint import Stateful
 from fedsim.engine.devices import DeviceProfile, ProfileSource, array_bytes, simulated_seconds
 from fedsim.engine.execute import assign_message_id, error_reply
 from fedsim.records import records_of
@@ -199,14 +200,25 @@ class HeterogeneousGrid(Grid):
         return tally.slowest_s
 
     def state_dict(self) -> dict[str, Any]:
-        """Return what a resumed run needs: the exchange count and the timings so far."""
-        return {"exchanges": self._exchanges, "timings": [asdict(t) for t in self.timings]}
+        """Return what a resumed run needs.
+
+        That is the exchange count, the timings so far and the inner grid's state
+        (when it has one).
+        """
+        inner = self.inner.state_dict() if isinstance(self.inner, Stateful) else None
+        return {
+            "exchanges": self._exchanges,
+            "timings": [asdict(t) for t in self.timings],
+            "inner": inner,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
         self._exchanges = int(state["exchanges"])
         self.timings = [RoundTiming(**t) for t in state["timings"]]
         self.last_timing = self.timings[-1] if self.timings else None
+        if state.get("inner") is not None and isinstance(self.inner, Stateful):
+            self.inner.load_state_dict(state["inner"])
 
     # Everything else is the inner grid's business.
     def set_run(self, run: Run) -> None:

@@ -1,6 +1,7 @@
 """A population of simulated nodes whose state exists only once touched."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from flwr.app import Context, RecordDict, UserConfig
 
@@ -54,6 +55,15 @@ class NodeRegistry:
             )
             self._contexts[node_id] = context
         return context
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return every materialized node's ``Context.state`` (for checkpoints)."""
+        return {"states": {node_id: c.state for node_id, c in self._contexts.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the nodes' ``Context.state`` from :meth:`state_dict`."""
+        for node_id, node_state in state["states"].items():
+            self.context(node_id).state = node_state
 
     @property
     def num_materialized(self) -> int:

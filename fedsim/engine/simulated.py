@@ -1,6 +1,7 @@
 """What every fedsim engine shares: a run, a lazy population, Flower's bookkeeping."""
 
 from collections.abc import Sequence
+from typing import Any
 
 from flwr.app import Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
@@ -46,6 +47,14 @@ class SimulatedGrid(Grid):
     ) -> Message:
         """Create a message (deprecated in Flower; kept for older strategies)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the nodes' state, for run checkpoints."""
+        return self.nodes.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the nodes' state from :meth:`state_dict`."""
+        self.nodes.load_state_dict(state)
 
     def get_node_ids(self) -> Sequence[int]:
         """Return all node ids as a lazy ``range``."""
