@@ -38,9 +38,13 @@ def centered_quadratic(center: np.ndarray) -> TensorDataset:
     return TensorDataset(inputs, targets)
 
 
+def features(workers: list[TensorDataset]) -> int:
+    return workers[0].tensors[0].shape[1]
+
+
 def grid_for(workers: list[TensorDataset]) -> InlineGrid:
     task = TorchTask(
-        model_fn=lambda: linear_model(D),
+        model_fn=lambda: linear_model(features(workers)),
         loss_fn=half_mse,
         load_partition=lambda partition, _n: workers[partition],
     )
@@ -55,7 +59,8 @@ def run(strategy, workers, *, rounds: int, start: np.ndarray | None = None):
         def on_round(self, report: RoundReport) -> None:
             reports.append(report)
 
-    point = np.zeros((1, D)) if start is None else start.reshape(1, D)
+    d = features(workers)
+    point = np.zeros((1, d)) if start is None else start.reshape(1, d)
     final = run_rounds(
         strategy=strategy,
         grid=grid_for(workers),
@@ -64,7 +69,7 @@ def run(strategy, workers, *, rounds: int, start: np.ndarray | None = None):
         train_config=ConfigRecord({keys.SEED: 0}),
         observers=[Keep()],
     )
-    return arrays_of(final)["weight"].reshape(D), reports[1:]
+    return arrays_of(final)["weight"].reshape(d), reports[1:]
 
 
 def everyone(num_workers: int) -> dict:
@@ -80,7 +85,7 @@ def everyone(num_workers: int) -> dict:
 def gradient(workers: list[TensorDataset], point: np.ndarray) -> np.ndarray:
     """∇f(x) for f = (1/P) Σ_p f_p, from the exact normal equations."""
     hessians, vectors = normal_equations(workers)
-    x = torch.as_tensor(point, dtype=torch.float64)
+    x = torch.tensor(point, dtype=torch.float64)
     return ((hessians @ x) - vectors).mean(dim=0).numpy()
 
 
@@ -289,9 +294,7 @@ def test_start_runs_the_strategy_as_flowers_start_does() -> None:
         optimum_spread=0.5,
         seed=6,
     )
-    strategy = BVRLSGD(
-        lr=0.1, batch_size=4, local_steps=2, stage_rounds=2, seed=0, **everyone(3)
-    )
+    strategy = BVRLSGD(lr=0.1, batch_size=4, local_steps=2, stage_rounds=2, seed=0, **everyone(3))
     result = strategy.start(
         grid=grid_for(workers),
         initial_arrays=ArrayRecord({"weight": torch.zeros(1, D, dtype=torch.float64)}),
@@ -300,3 +303,54 @@ def test_start_runs_the_strategy_as_flowers_start_does() -> None:
     )
     assert sorted(result.train_metrics_clientapp) == [1, 2, 3]
     assert arrays_of(result.arrays)["weight"].any()
+
+
+def rounds_to_reach(strategy, workers, *, tolerance: float, max_rounds: int) -> float:
+    """Rounds until ‖∇f(x_t)‖² <= tolerance · ‖∇f(x_0)‖² (inf if never)."""
+    points = []
+    train_round = strategy.train_round
+
+    def recording(server_round, arrays, config, grid):
+        points.append(arrays_of(arrays)["weight"].reshape(-1).copy())
+        return (yield from train_round(server_round, arrays, config, grid))
+
+    strategy.train_round = recording
+    final, _ = run(strategy, workers, rounds=max_rounds)
+    points.append(final)
+    norms = [float(np.sum(gradient(workers, x) ** 2)) for x in points]
+    reached = [t for t, norm in enumerate(norms) if norm <= tolerance * norms[0]]
+    return reached[0] if reached else math.inf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hessian_spread", [0.0, 0.5])
+def test_bvr_needs_fewer_rounds_than_local_and_minibatch_sgd_at_small_spread(
+    hessian_spread: float,
+) -> None:
+    """The spec's synthetic check, at equal budget B = 64 per worker per round (K = 4,
+    b = 16 for the local methods; b = B for minibatch SGD), each method at its best
+    step size of a fixed grid, ε = 1e-3 relative."""
+    workers = least_squares_federation(
+        num_workers=8,
+        num_features=20,
+        samples_per_worker=256,
+        hessian_spread=hessian_spread,
+        optimum_spread=1.0,
+        seed=0,
+    )
+    common = {"seed": 0, **everyone(8)}
+    methods = {
+        "bvr-l-sgd": lambda lr: BVRLSGD(
+            lr=lr, batch_size=16, local_steps=4, stage_rounds=10, **common
+        ),
+        "local-sgd": lambda lr: LocalSGD(lr=lr, batch_size=16, local_steps=4, **common),
+        "minibatch-sgd": lambda lr: MinibatchSGD(lr=lr, batch_size=64, **common),
+    }
+    best = {
+        name: min(
+            rounds_to_reach(make(lr), workers, tolerance=1e-3, max_rounds=100)
+            for lr in (0.05, 0.1, 0.2, 0.4)
+        )
+        for name, make in methods.items()
+    }
+    assert best["bvr-l-sgd"] < min(best["local-sgd"], best["minibatch-sgd"]), best
