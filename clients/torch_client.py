@@ -6,11 +6,13 @@ from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
+from fedsim.clients.dp_sgd import DPSGD, spend, train_dp_sgd
 from fedsim.clients.training import LossFn, evaluate, train_epochs
 from fedsim.records import get_record, records_of
 from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
@@ -42,6 +44,9 @@ class TorchTask:
         take the best the process sees (a Ray actor sees only its assigned GPU).
     lr, local_epochs, batch_size
         Used when the server's ConfigRecord does not set them.
+    dp_sgd
+        Train with DP-SGD (Opacus) instead of plain SGD: record-level privacy,
+        each node's ε reported as ``dp-epsilon`` (see ``fedsim.clients.dp_sgd``).
     """
 
     model_fn: Callable[[], nn.Module]
@@ -52,6 +57,7 @@ class TorchTask:
     lr: float = 0.05
     local_epochs: int = 1
     batch_size: int = 32
+    dp_sgd: DPSGD | None = None
 
 
 class TorchClient:
@@ -66,6 +72,7 @@ class TorchClient:
         self.task = task
         self.device = resolve_device(task.device)
         self._model: nn.Module | None = None
+        self._private_model: GradSampleModule | None = None
         self._loaded: tuple[tuple[bytes, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = (
             None
         )
@@ -101,6 +108,12 @@ class TorchClient:
                     target.copy_(value)
         return model
 
+    def private_model(self) -> GradSampleModule:
+        """Return the process model wrapped once in Opacus's per-sample gradient hooks."""
+        if self._private_model is None:
+            self._private_model = GradSampleModule(self.process_model())
+        return self._private_model
+
     def process_model(self) -> nn.Module:
         """Return this process's one model instance, built on first use."""
         if self._model is None:
@@ -119,17 +132,36 @@ class TorchClient:
         )
         # Seeding torch's global RNG per (round, node) makes a client's update (dropout)
         # independent of which clients ran before it in this process.
+        epochs = _int(config, keys.LOCAL_EPOCHS, self.task.local_epochs)
+        batch_size = _int(config, keys.BATCH_SIZE, self.task.batch_size)
+        extra_metrics: dict[str, float] = {}
         with seeded_torch_rng(derive_seed(seed, round_, partition_id, "train"), self.device):
-            train_loss = train_epochs(
-                model,
-                dataset,
-                loss_fn=self.task.loss_fn,
-                optimizer=optimizer,
-                epochs=_int(config, keys.LOCAL_EPOCHS, self.task.local_epochs),
-                batch_size=_int(config, keys.BATCH_SIZE, self.task.batch_size),
-                generator=torch_generator(seed, round_, partition_id, "shuffle"),
-                device=self.device,
-            )
+            if self.task.dp_sgd is None:
+                train_loss = train_epochs(
+                    model,
+                    dataset,
+                    loss_fn=self.task.loss_fn,
+                    optimizer=optimizer,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    generator=torch_generator(seed, round_, partition_id, "shuffle"),
+                    device=self.device,
+                )
+            else:
+                train_loss, rate, steps = train_dp_sgd(
+                    self.private_model(),
+                    dataset,
+                    loss_fn=self.task.loss_fn,
+                    optimizer=optimizer,
+                    epochs=epochs,
+                    batch_size=batch_size,
+                    generator=torch_generator(seed, round_, partition_id, "dp-sgd"),
+                    device=self.device,
+                    settings=self.task.dp_sgd,
+                )
+                epsilon = spend(context, self.task.dp_sgd, sample_rate=rate, steps=steps)
+                if epsilon is not None:
+                    extra_metrics[keys.DP_EPSILON] = epsilon
         _count_participation(context)
         content = RecordDict(
             {
@@ -137,7 +169,11 @@ class TorchClient:
                     {k: t.detach().cpu().numpy() for k, t in model.state_dict().items()}
                 ),
                 keys.METRICS: MetricRecord(
-                    {keys.NUM_EXAMPLES: len(cast(Sized, dataset)), keys.TRAIN_LOSS: train_loss}
+                    {
+                        keys.NUM_EXAMPLES: len(cast(Sized, dataset)),
+                        keys.TRAIN_LOSS: train_loss,
+                        **extra_metrics,
+                    }
                 ),
             }
         )

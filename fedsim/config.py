@@ -84,6 +84,10 @@ class ClientConfig:
     lr: float = _positive(0.05)
     local_epochs: int = _at_least(1, 1)
     batch_size: int = _at_least(32, 1)
+    dp_sgd: bool = False  # record-level DP-SGD (Opacus) on each client
+    dp_noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    dp_max_grad_norm: float = _positive(1.0)
+    dp_delta: float = _fraction(1e-5)
     device: str = _rule(
         "cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
     )

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from fedsim import keys
 from fedsim.clients import TorchTask
+from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.training import evaluate
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
@@ -69,6 +70,13 @@ def build_task(config: RunConfig) -> TorchTask:
         lr=config.client.lr,
         local_epochs=config.client.local_epochs,
         batch_size=config.client.batch_size,
+        dp_sgd=DPSGD(
+            noise_multiplier=config.client.dp_noise_multiplier,
+            max_grad_norm=config.client.dp_max_grad_norm,
+            delta=config.client.dp_delta,
+        )
+        if config.client.dp_sgd
+        else None,
     )
 
 

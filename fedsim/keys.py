@@ -36,6 +36,7 @@ LOCAL_STEPS: Final = "local-steps"  # K; gradient strategies count steps, not ep
 NUM_EXAMPLES: Final = "num-examples"
 TRAIN_LOSS: Final = "train_loss"
 LOSS: Final = "loss"
+DP_EPSILON: Final = "dp-epsilon"  # a DP-SGD client's ε so far (record-level)
 ACCURACY: Final = "accuracy"
 
 # node_config entries, as Flower's simulation runtime and `flower-supernode
