@@ -1,0 +1,17 @@
+"""Privacy mechanisms and accounting for private federated aggregation.
+
+Pure functions, each taking an explicit ``numpy.random.Generator``, one mechanism
+per module (the spec is ``specs/private-aggregation.md``):
+
+* :mod:`~fedsim.privacy.flat` and :mod:`~fedsim.privacy.clipping`: a model's named
+  arrays as one vector, and its L2 clipping;
+* :mod:`~fedsim.privacy.gaussian`: the Gaussian mechanism;
+* :mod:`~fedsim.privacy.privunit` and :mod:`~fedsim.privacy.scalar_dp`: the local
+  randomizers of Bhowmick et al. (2018) for a direction and a magnitude, which
+  :mod:`~fedsim.privacy.separated` composes into one local privatizer;
+* :mod:`~fedsim.privacy.central`, :mod:`~fedsim.privacy.adaptive_clipping` and
+  :mod:`~fedsim.privacy.poisson`: DP-FedAvg's noisy average, clip-norm update and
+  cohort sampling;
+* :mod:`~fedsim.privacy.accounting`: epsilon of the Poisson-subsampled Gaussian
+  over rounds, and noise calibration (imports Opacus, so it is not imported here).
+"""
