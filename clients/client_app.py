@@ -1,9 +1,10 @@
 """The ``ClientApp`` of fedsim: one app answers every strategy's message types."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedsim.clients.gradient_client import GradientClient
 from fedsim.clients.torch_client import TorchTask
@@ -11,13 +12,13 @@ from fedsim.clients.torch_client import TorchTask
 ClientResolver = Callable[[Context], GradientClient]
 
 
-def client_app(resolve: ClientResolver) -> ClientApp:
+def client_app(resolve: ClientResolver, mods: Sequence[Mod] = ()) -> ClientApp:
     """Return a ClientApp routing each message to the client ``resolve`` gives for its context.
 
     It answers ``train`` and ``evaluate`` (FedAvg and Flower's own strategies) and
     the named actions of :class:`GradientClient` (``train.anchor``, ...).
     """
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
     routes = {
         MessageType.TRAIN: "train",
         MessageType.EVALUATE: "evaluate",
@@ -39,7 +40,11 @@ def _route(resolve: ClientResolver, method: str) -> Callable[[Message, Context],
     return handle
 
 
-def make_client_app(task: TorchTask) -> ClientApp:
-    """Return a ClientApp for ``task`` whose one client serves every node of this process."""
+def make_client_app(task: TorchTask, mods: Sequence[Mod] = ()) -> ClientApp:
+    """Return a ClientApp for ``task`` whose one client serves every node of this process.
+
+    ``mods`` are Flower client mods applied to every message (e.g.
+    ``fedsim.clients.private_update.separated_privatization_mod``).
+    """
     client = GradientClient(task)
-    return client_app(lambda _context: client)
+    return client_app(lambda _context: client, mods)

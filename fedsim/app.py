@@ -9,14 +9,15 @@
 from collections.abc import Callable
 from functools import lru_cache
 
-from flwr.app import Context, UserConfig
+from flwr.app import Context, Message, UserConfig
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid, ServerApp
 
 from fedsim.clients import GradientClient
 from fedsim.clients import client_app as routed_client_app
 from fedsim.config import RunConfig, parse_config, unflatten
-from fedsim.experiment import build_task, run_on_grid
+from fedsim.experiment import build_task, client_mods, run_on_grid
 
 ConfigResolver = Callable[[Context], RunConfig]
 
@@ -34,8 +35,24 @@ def _client(config: RunConfig) -> GradientClient:
 
 
 def client_app_for(resolve: ConfigResolver) -> ClientApp:
-    """Build a ClientApp whose task comes from the config ``resolve`` finds in the context."""
-    return routed_client_app(lambda context: _client(resolve(context)))
+    """Build a ClientApp whose task (and mods) come from the config ``resolve`` finds."""
+
+    def config_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        handler = call_next
+        for mod in reversed(_mods(resolve(context))):
+            handler = _chained(mod, handler)
+        return handler(message, context)
+
+    return routed_client_app(lambda context: _client(resolve(context)), [config_mods])
+
+
+@lru_cache(maxsize=4)
+def _mods(config: RunConfig) -> list[Mod]:
+    return client_mods(config)
+
+
+def _chained(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
+    return lambda message, context: mod(message, context, call_next)
 
 
 def server_app_for(

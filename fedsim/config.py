@@ -111,6 +111,26 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Central DP (a wrapper around the strategy) and Apple-style local privatization."""
+
+    central_dp: bool = False
+    noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    clip_norm: float = _positive(0.1)
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    delta: float = _fraction(1e-5)
+    adaptive_clipping: bool = False
+    noise_cohort_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: the cohort)")
+    accounting_population: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: the population)")
+    local_dp: bool = False
+    epsilon_direction: float = _positive(8.0)
+    epsilon_magnitude: float = _positive(2.0)
+    local_clip: float = _positive(1.0)
+    magnitude_levels: int = _at_least(10, 1)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """What executes the clients."""
 
@@ -165,6 +185,7 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         for key in ("clients_per_round", "evaluate_clients"):

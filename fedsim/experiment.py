@@ -12,13 +12,16 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedsim import keys
 from fedsim.clients import TorchTask
 from fedsim.clients.dp_sgd import DPSGD
+from fedsim.clients.private_update import SeparatedPrivatization, separated_privatization_mod
 from fedsim.clients.training import evaluate
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
@@ -27,7 +30,7 @@ from fedsim.models import model_factory
 from fedsim.progress import ProgressBar
 from fedsim.results import RunRecorder, check_resumable, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
-from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
+from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, CentralDP, FedAvg, LocalSGD, MinibatchSGD
 
 
 @lru_cache(maxsize=2)
@@ -80,7 +83,45 @@ def build_task(config: RunConfig) -> TorchTask:
     )
 
 
-def build_strategy(config: RunConfig) -> FedAvg:
+def build_strategy(config: RunConfig) -> Strategy:
+    """Build the config's strategy (wrapped in central DP when configured)."""
+    strategy = _base_strategy(config)
+    privacy = config.privacy
+    if not privacy.central_dp:
+        return strategy
+    return CentralDP(
+        strategy,
+        noise_multiplier=privacy.noise_multiplier,
+        clip_norm=privacy.clip_norm,
+        expected_cohort_size=config.strategy.clients_per_round,
+        sampling=privacy.sampling,
+        accountant=privacy.accountant,
+        delta=privacy.delta,
+        adaptive_clipping=privacy.adaptive_clipping,
+        noise_cohort_size=privacy.noise_cohort_size or None,
+        accounting_population=privacy.accounting_population or None,
+        seed=config.seed,
+    )
+
+
+def client_mods(config: RunConfig) -> list[Mod]:
+    """Return the client mods the config asks for (local privatization)."""
+    privacy = config.privacy
+    if not privacy.local_dp:
+        return []
+    return [
+        separated_privatization_mod(
+            SeparatedPrivatization(
+                epsilon_direction=privacy.epsilon_direction,
+                epsilon_magnitude=privacy.epsilon_magnitude,
+                clip_radius=privacy.local_clip,
+                levels=privacy.magnitude_levels,
+            )
+        )
+    ]
+
+
+def _base_strategy(config: RunConfig) -> FedAvg:
     """Build the config's strategy, with cohorts given as absolute sizes."""
     strategy = config.strategy
     population = config.data.num_clients

@@ -36,6 +36,14 @@ TrainRound = Generator[Iterable[Message], Iterable[Message], TrainResult]
 
 
 @runtime_checkable
+class ReportsPrivacy(Protocol):
+    """A strategy with a privacy accountant (``fedsim.strategies.CentralDP``)."""
+
+    def privacy(self) -> Mapping[str, float]:
+        """Return the privacy spent so far, e.g. ``{"epsilon": 1.2, "delta": 1e-5}``."""
+
+
+@runtime_checkable
 class MultiExchangeStrategy(Protocol):
     """A strategy whose training round is a sequence of exchanges.
 
@@ -68,11 +76,13 @@ class RoundReport:
     exchanges: int = 0
     downlink_floats: int = 0
     uplink_floats: int = 0
+    privacy: Mapping[str, float] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, object]:
         """Return a flat JSON-ready row with ``train_*``, ``evaluate_*``, ``central_*`` metrics."""
-        row = {k: v for k, v in asdict(self).items() if k not in ("train", "evaluate", "central")}
-        for group in ("train", "evaluate", "central"):
+        groups = ("train", "evaluate", "central", "privacy")
+        row = {k: v for k, v in asdict(self).items() if k not in groups}
+        for group in groups:
             row.update({f"{group}_{k}": v for k, v in getattr(self, group).items()})
         return row
 
@@ -271,6 +281,7 @@ def run_rounds(
             exchanges=traffic.exchanges,
             downlink_floats=traffic.downlink_floats,
             uplink_floats=traffic.uplink_floats,
+            privacy=dict(strategy.privacy()) if isinstance(strategy, ReportsPrivacy) else {},
         )
         _notify(observers, report)
         if checkpoint is not None:

@@ -105,6 +105,12 @@ class RunRecorder:
             "unavailable": sum(int(r.get("unavailable", 0)) for r in self.rows),
             "late": sum(int(r.get("late", 0)) for r in self.rows),
             "simulated_time_s": _total(r.get("simulated_s") for r in self.rows),
+            "epsilon": next(
+                (r["privacy_epsilon"] for r in reversed(self.rows) if "privacy_epsilon" in r), None
+            ),
+            "delta": next(
+                (r["privacy_delta"] for r in reversed(self.rows) if "privacy_delta" in r), None
+            ),
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "seed": self.config.seed,
             **extra,

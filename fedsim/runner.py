@@ -5,7 +5,7 @@ from typing import Any
 from fedsim.clients import make_client_app
 from fedsim.config import RunConfig, flatten
 from fedsim.engine import InlineGrid
-from fedsim.experiment import build_task, run_on_grid
+from fedsim.experiment import build_task, client_mods, run_on_grid
 
 
 def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]
     if config.engine.name == "ray":
         return _run_on_ray(config, resume=resume)
     grid = InlineGrid(
-        make_client_app(build_task(config)),
+        make_client_app(build_task(config), client_mods(config)),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
     )

@@ -1,10 +1,21 @@
 """Federated strategies: Flower ``Strategy`` subclasses, usable under any Flower runtime."""
 
 from fedsim.strategies.bvr_l_sgd import BVRLSGD
+from fedsim.strategies.central_dp import CentralDP
 from fedsim.strategies.fedavg import FedAvg
 from fedsim.strategies.local_sgd import LocalSGD
 from fedsim.strategies.minibatch_sgd import MinibatchSGD
 from fedsim.strategies.sarah import SARAH
 from fedsim.strategies.scaffold import SCAFFOLD
+from fedsim.strategies.secure_aggregation import SecureAggregation
 
-__all__ = ["BVRLSGD", "SARAH", "SCAFFOLD", "FedAvg", "LocalSGD", "MinibatchSGD"]
+__all__ = [
+    "BVRLSGD",
+    "SARAH",
+    "SCAFFOLD",
+    "CentralDP",
+    "FedAvg",
+    "LocalSGD",
+    "MinibatchSGD",
+    "SecureAggregation",
+]

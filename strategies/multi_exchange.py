@@ -14,11 +14,12 @@ buffers).
 """
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result
+from flwr.serverapp.strategy import Result, Strategy
 
 from fedsim import keys
 from fedsim.arrays import arrays_of
@@ -36,41 +37,13 @@ from fedsim.strategies.fedavg import FedAvg, skip_reply
 Vector = dict[str, np.ndarray]
 
 
-class GradientStrategy(FedAvg):
-    """Shared machinery: worker cohorts, per-exchange configs, reply means, ``start``.
+class RunsItsOwnRounds:
+    """Mixin of the strategies driven by ``train_round``.
 
-    Parameters
-    ----------
-    lr
-        Step size η (sent to clients for local steps, used by the server for
-        server-side steps).
-    batch_size
-        Minibatch size b of local steps, or B of the non-local methods' gradients.
-    local_steps
-        K, the number of local steps per round (local methods).
-    seed, flower_kwargs
-        As for :class:`fedsim.strategies.FedAvg` (cohort fractions and minimums);
-        the paper's experiments use every worker each round (``fraction_train=1``).
+    It refuses Flower's one-exchange API and provides ``start`` on fedsim's loop,
+    so they still work wherever Flower calls ``strategy.start`` (a ServerApp on
+    the deployment runtime).
     """
-
-    def __init__(
-        self,
-        *,
-        lr: float,
-        batch_size: int,
-        local_steps: int = 1,
-        seed: int = 0,
-        **flower_kwargs: object,
-    ) -> None:
-        super().__init__(seed=seed, **flower_kwargs)
-        for name, value, low in (
-            ("lr", lr, 0),
-            ("batch_size", batch_size, 0),
-            ("local_steps", local_steps, 0),
-        ):
-            if not value > low:
-                raise ValueError(f"{name} must be > {low}, got {value}")
-        self.lr, self.batch_size, self.local_steps = lr, batch_size, local_steps
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -120,7 +93,7 @@ class GradientStrategy(FedAvg):
                         store[report.round] = MetricRecord(dict(metrics))
 
         result.arrays = run_rounds(
-            strategy=self,
+            strategy=cast(Strategy, self),
             grid=grid,
             initial_arrays=initial_arrays,
             num_rounds=num_rounds,
@@ -131,6 +104,43 @@ class GradientStrategy(FedAvg):
             observers=[_Collect()],
         )
         return result
+
+
+class GradientStrategy(RunsItsOwnRounds, FedAvg):
+    """Shared machinery: worker cohorts, per-exchange configs, reply means, ``start``.
+
+    Parameters
+    ----------
+    lr
+        Step size η (sent to clients for local steps, used by the server for
+        server-side steps).
+    batch_size
+        Minibatch size b of local steps, or B of the non-local methods' gradients.
+    local_steps
+        K, the number of local steps per round (local methods).
+    seed, flower_kwargs
+        As for :class:`fedsim.strategies.FedAvg` (cohort fractions and minimums);
+        the paper's experiments use every worker each round (``fraction_train=1``).
+    """
+
+    def __init__(
+        self,
+        *,
+        lr: float,
+        batch_size: int,
+        local_steps: int = 1,
+        seed: int = 0,
+        **flower_kwargs: object,
+    ) -> None:
+        super().__init__(seed=seed, **flower_kwargs)
+        for name, value, low in (
+            ("lr", lr, 0),
+            ("batch_size", batch_size, 0),
+            ("local_steps", local_steps, 0),
+        ):
+            if not value > low:
+                raise ValueError(f"{name} must be > {low}, got {value}")
+        self.lr, self.batch_size, self.local_steps = lr, batch_size, local_steps
 
     # ------------------------------------------------------------------ helpers
 

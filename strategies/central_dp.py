@@ -1,0 +1,291 @@
+"""Central differential privacy around any one-exchange strategy (DP-FedAvg).
+
+McMahan et al. 2018 (arXiv 1710.06963) with Andrew et al. 2021's adaptive
+clipping; spec ``shared/specs/private-aggregation.md`` section 2. Per round:
+
+1. the cohort is drawn by the wrapper, not the inner strategy, because the
+   accountant must know how: Poisson sampling at rate q = C̄/N (Opacus's RDP or
+   PRV accountant) or a fixed size C̄ without replacement (dp-accounting's RDP for
+   sampling without replacement; replace-one neighbours);
+2. each reply's update (its model minus the global model) is clipped to L2 norm
+   S; the clipped updates are summed (one running float64 vector);
+3. Gaussian noise N(0, (zS)² I) is added to the sum, which is divided by the
+   EXPECTED cohort size C̄ (dividing by the realized count would make the
+   sensitivity depend on who answered);
+4. the inner strategy receives that noisy mean as one reply (the global model
+   plus the noisy update, weight 1), so FedAvg's server step, FedAdam's or any
+   other strategy's apply unchanged;
+5. the accountant composes the round; ε at δ is reported every round.
+
+Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: it hands the
+clipped replies to the inner strategy's *example-weighted* mean over the
+*replies received*, so one client's contribution is bounded by S·w_i/Σw, not S/C̄
+(Flower checks equal weights only when its accountant is on), and a round with
+dropouts divides by fewer clients than the noise was calibrated for; its
+accountant also assumes no sampling amplification. The clipping itself is the
+same (``compute_clip_model_update`` clips the same way as ``clip_l2``).
+
+Simulating a small cohort for a large deployment (Apple's pfl-research): with
+``noise_cohort_size`` C_n the noise on the average is zS/C_n whatever the
+simulated C̄, and ``accounting_population`` makes the accountant use
+q = C_n / N_deployed: the simulated run then has the deployment's signal-to-noise
+ratio and reports the deployment's ε.
+
+Client metrics (loss) are averaged in the clear and are not covered by the
+guarantee, as in Flower's wrappers.
+"""
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedsim import keys
+from fedsim.arrays import arrays_of, to_array_record
+from fedsim.checkpoint import Stateful
+from fedsim.loop import TrainRound
+from fedsim.privacy.accounting import ACCOUNTANTS, Accountant, FixedSizeRdpAccountant
+from fedsim.privacy.adaptive_clipping import (
+    indicator_noise_std,
+    next_clip_norm,
+    noisy_unclipped_fraction,
+    update_noise_multiplier,
+)
+from fedsim.privacy.central import noisy_average
+from fedsim.privacy.clipping import clip_l2
+from fedsim.privacy.flat import FlatLayout, flatten, unflatten
+from fedsim.privacy.poisson import poisson_cohort
+from fedsim.records import records_of
+from fedsim.seeding import SERVER_NODE, numpy_rng
+from fedsim.strategies.fedavg import skip_reply
+from fedsim.strategies.multi_exchange import RunsItsOwnRounds
+from fedsim.strategies.sampling import available_nodes, sample_cohort
+
+Sampling = Literal["poisson", "fixed"]
+
+
+class CentralDP(RunsItsOwnRounds, Strategy):
+    """Wrap ``strategy`` in central DP with fixed or adaptive clipping.
+
+    Parameters
+    ----------
+    strategy
+        Any one-exchange Flower strategy; it supplies the training message and
+        the server step, and runs federated evaluation.
+    noise_multiplier
+        z; the noise std on the sum of clipped updates is z·S.
+    clip_norm
+        S (with ``adaptive_clipping``: the initial C_0).
+    expected_cohort_size
+        C̄, clients per round (the Poisson rate is C̄/N).
+    sampling
+        ``"poisson"`` or ``"fixed"``.
+    accountant
+        ``"rdp"`` or ``"prv"`` (Poisson sampling); fixed-size cohorts always use
+        the RDP accountant for sampling without replacement.
+    delta
+        δ of the reported ε.
+    adaptive_clipping
+        Track the median update norm (Andrew et al.); the updates' noise
+        multiplier becomes z_Δ so the round stays as private as one z-Gaussian.
+    noise_cohort_size, accounting_population
+        Calibrate noise and accounting for a deployment of C_n clients per round
+        out of ``accounting_population`` (pfl-research's option).
+    seed
+        Seeds cohort and noise draws, per round.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        expected_cohort_size: int,
+        sampling: Sampling = "poisson",
+        accountant: str = "rdp",
+        delta: float = 1e-5,
+        adaptive_clipping: bool = False,
+        noise_cohort_size: int | None = None,
+        accounting_population: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if noise_multiplier < 0 or clip_norm <= 0 or expected_cohort_size < 1:
+            raise ValueError(
+                "central DP needs noise_multiplier >= 0, clip_norm > 0 and "
+                f"expected_cohort_size >= 1; got {noise_multiplier}, {clip_norm}, "
+                f"{expected_cohort_size}"
+            )
+        if sampling not in ("poisson", "fixed") or accountant not in ACCOUNTANTS:
+            raise ValueError(
+                f"sampling must be 'poisson' or 'fixed' and accountant one of "
+                f"{sorted(ACCOUNTANTS)}; got {sampling!r}, {accountant!r}"
+            )
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must lie in (0, 1), got {delta}")
+        self.strategy = strategy
+        self.noise_multiplier, self.clip_norm = noise_multiplier, clip_norm
+        self.expected_cohort_size, self.sampling = expected_cohort_size, sampling
+        self.accountant_name, self.delta = accountant, delta
+        self.adaptive_clipping, self.seed = adaptive_clipping, seed
+        self.noise_cohort_size = noise_cohort_size
+        self.accounting_population = accounting_population
+        self.accountant: Accountant | None = None  # built on the first round (needs N)
+
+    # --------------------------------------------------------------- a round
+
+    def train_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainRound:
+        """Sample, collect, clip, sum, noise, account; let the inner strategy step."""
+        node_ids = available_nodes(grid, 1)
+        cohort = self._cohort(server_round, node_ids)
+        template = next(iter(self.strategy.configure_train(server_round, arrays, config, grid)))
+        replies = yield [
+            Message(template.content, node, template.metadata.message_type) for node in cohort
+        ]
+        global_vector, layout = flatten(arrays_of(arrays))
+        total, unclipped, losses, counted = self._sum_clipped(replies, global_vector, layout)
+
+        noise_multiplier = self._update_noise_multiplier()
+        rng = numpy_rng(self.seed, server_round, SERVER_NODE, "central-dp-noise")
+        noisy_mean = noisy_average(
+            total,
+            noise_multiplier=noise_multiplier,
+            clip_norm=self.clip_norm,
+            expected_cohort_size=self.expected_cohort_size,
+            rng=rng,
+            noise_cohort_size=self.noise_cohort_size,
+        )
+        clip_norm_used = self.clip_norm
+        if self.adaptive_clipping:
+            fraction = noisy_unclipped_fraction(
+                unclipped,
+                expected_cohort_size=self.expected_cohort_size,
+                noise_std=indicator_noise_std(self.expected_cohort_size),
+                rng=rng,
+            )
+            self.clip_norm = next_clip_norm(self.clip_norm, unclipped_fraction=fraction)
+        self._account(len(node_ids))
+
+        noisy_model = unflatten(global_vector + noisy_mean, layout)
+        new_arrays, _ = self.strategy.aggregate_train(
+            server_round, [_one_reply(to_array_record(noisy_model), server_round)]
+        )
+        metrics = MetricRecord({"dp-clip-norm": clip_norm_used, "dp-cohort": counted})
+        if losses:
+            metrics[keys.TRAIN_LOSS] = float(np.mean(losses))
+        return new_arrays, metrics
+
+    def _cohort(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
+        rng = numpy_rng(self.seed, server_round, SERVER_NODE, "central-dp-cohort")
+        if self.sampling == "poisson":
+            return poisson_cohort(node_ids, rate=self.expected_cohort_size / len(node_ids), rng=rng)
+        return sample_cohort(node_ids, min(self.expected_cohort_size, len(node_ids)), rng)
+
+    def _sum_clipped(
+        self, replies: Iterable[Message], global_vector: np.ndarray, layout: FlatLayout
+    ) -> tuple[np.ndarray, int, list[float], int]:
+        """Return (sum of clipped updates, how many were within S, losses, replies counted)."""
+        total = np.zeros_like(global_vector)
+        unclipped, losses, counted = 0, [], 0
+        for reply in replies:
+            if reply.has_error():
+                skip_reply(reply, reply.error.reason or f"error code {reply.error.code}")
+                continue
+            array_records = records_of(reply.content, ArrayRecord)
+            if len(array_records) != 1:
+                skip_reply(reply, f"expected one ArrayRecord, got {len(array_records)}")
+                continue
+            model, model_layout = flatten(arrays_of(next(iter(array_records.values()))))
+            if model_layout != layout or not np.all(np.isfinite(model)):
+                skip_reply(reply, "arrays differ from the model's, or are not finite")
+                continue
+            clipped, norm = clip_l2(model - global_vector, self.clip_norm)
+            total += clipped
+            unclipped += norm <= self.clip_norm
+            counted += 1
+            metric_records = records_of(reply.content, MetricRecord)
+            for record in metric_records.values():
+                if isinstance(loss := record.get(keys.TRAIN_LOSS), int | float):
+                    losses.append(float(loss))
+        return total, unclipped, losses, counted
+
+    def _update_noise_multiplier(self) -> float:
+        if not self.adaptive_clipping:
+            return self.noise_multiplier
+        return update_noise_multiplier(
+            self.noise_multiplier,
+            indicator_noise_std=indicator_noise_std(self.expected_cohort_size),
+        )
+
+    def _account(self, population: int) -> None:
+        accounting_population = self.accounting_population or population
+        cohort = self.noise_cohort_size or self.expected_cohort_size
+        if self.accountant is None:
+            self.accountant = (
+                FixedSizeRdpAccountant(accounting_population)
+                if self.sampling == "fixed"
+                else ACCOUNTANTS[self.accountant_name]()
+            )
+        self.accountant.step(
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=min(1.0, cohort / accounting_population),
+        )
+
+    # ------------------------------------------------------ reporting, state
+
+    def privacy(self) -> dict[str, float]:
+        """Return the ε spent so far at δ (the loop reports it every round)."""
+        epsilon = self.accountant.epsilon(self.delta) if self.accountant else 0.0
+        return {"epsilon": epsilon, "delta": self.delta}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the accountant's history, the clip norm and the inner strategy's state."""
+        inner = self.strategy.state_dict() if isinstance(self.strategy, Stateful) else None
+        return {
+            "accountant": self.accountant.state_dict() if self.accountant else None,
+            "population": getattr(self.accountant, "population", None),
+            "clip_norm": self.clip_norm,
+            "inner": inner,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.clip_norm = state["clip_norm"]
+        if state["accountant"] is not None:
+            self.accountant = (
+                FixedSizeRdpAccountant(state["population"])
+                if self.sampling == "fixed"
+                else ACCOUNTANTS[self.accountant_name]()
+            )
+            self.accountant.load_state_dict(state["accountant"])
+        if state["inner"] is not None and isinstance(self.strategy, Stateful):
+            self.strategy.load_state_dict(state["inner"])
+
+    # --------------------------------------------- the rest is the inner's
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the inner strategy configure federated evaluation."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Let the inner strategy aggregate federated evaluation."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log the inner strategy's summary."""
+        self.strategy.summary()
+
+
+def _one_reply(arrays: ArrayRecord, server_round: int) -> Message:
+    """Return the noisy mean as the one reply the inner strategy aggregates (weight 1)."""
+    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1})})
+    return Message(content, SERVER_NODE, "train", group_id=str(server_round))
