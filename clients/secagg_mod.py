@@ -15,17 +15,28 @@ to whichever process runs its next exchange, and are deleted after unmasking.
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from copy import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients.torch_client import TorchClient, TorchTask
+from fedsim.privacy.clipping import clip_l2
 from fedsim.privacy.flat import flatten
 from fedsim.privacy.secagg import wire
 from fedsim.privacy.secagg.crypto import agree, new_key_pair, new_seed, open_sealed, seal, share
@@ -143,9 +154,7 @@ class SecAggClient:
             levels=read(record, wire.LEVELS, int),
             max_weight=read(record, wire.MAX_WEIGHT, int),
         )
-        update, weight = self._update(message, context, read(record, wire.WEIGHT_KEY, str))
-        if weight > quantizer.max_weight:
-            logger.warning("Node %d: weight %d capped at %d", me, weight, quantizer.max_weight)
+        update, weight = self._contribution(message, context, record, quantizer)
         config = get_record(message.content, keys.CONFIG, ConfigRecord)
         seed = read(config, keys.SEED, int) if keys.SEED in config else 0
         encoded = quantizer.encode(update, weight, numpy_rng(seed, secrets.round, me, "secagg"))
@@ -183,11 +192,31 @@ class SecAggClient:
             },
         )
 
-    def _update(
-        self, message: Message, context: Context, weight_key: str
+    def _contribution(
+        self, message: Message, context: Context, record: ConfigRecord, quantizer: FieldQuantizer
     ) -> tuple[np.ndarray, int]:
-        """Run the wrapped train handler; return trained - received, flat, and the weight."""
-        reply = self._train(message, context)
+        """Train; return what this client masks: its update and its weight.
+
+        Under central DP (``wire.L2_CLIP`` = S) that is the update L2-clipped so
+        that even after quantization its norm stays within S, with weight 1;
+        otherwise the update as trained, weighted by the metric the server names.
+        """
+        update, metrics = self._update(message, context)
+        if wire.L2_CLIP in record:
+            radius = quantizer.safe_l2_radius(read(record, wire.L2_CLIP, float), update.size)
+            return clip_l2(update, radius)[0], 1
+        weight_key = read(record, wire.WEIGHT_KEY, str)
+        weight = metrics[weight_key]
+        if not isinstance(weight, int | float) or weight != int(weight):
+            raise ValueError(f"weight {weight_key!r} must be a whole number, got {weight!r}")
+        if weight > quantizer.max_weight:
+            me = message.metadata.dst_node_id
+            logger.warning("Node %d: weight %d capped at %d", me, weight, quantizer.max_weight)
+        return update, int(weight)
+
+    def _update(self, message: Message, context: Context) -> tuple[np.ndarray, MetricRecord]:
+        """Run the wrapped train handler; return trained - received, flat, and its metrics."""
+        reply = self._train(_train_view(message), context)
         if reply.has_error():
             raise RuntimeError(f"the train handler failed: {reply.error.reason}")
         (trained_record,) = records_of(reply.content, ArrayRecord).values()
@@ -198,22 +227,41 @@ class SecAggClient:
         end, trained_layout = flatten({name: trained[name] for name in received})
         if trained_layout.shapes != layout.shapes:
             raise ValueError("the trained model's shapes differ from the received model's")
-        weight = metrics[weight_key]
-        if not isinstance(weight, int | float) or weight != int(weight):
-            raise ValueError(f"weight {weight_key!r} must be a whole number, got {weight!r}")
-        return end - start, int(weight)
+        return end - start, metrics
 
 
-def secure_client_app(task: TorchTask) -> ClientApp:
+def secure_client_app(task: TorchTask, mods: Sequence[Mod] = ()) -> ClientApp:
     """Return a ClientApp that trains ``task`` only under secure aggregation, and evaluates.
 
     It registers no plain ``train`` handler, so it never sends an unmasked update.
+    ``mods`` (Flower client mods) wrap training and evaluation as in
+    :func:`fedsim.clients.make_client_app`: training is a ClientApp of its own,
+    handed plain ``train`` messages, so a mod that rewrites ``train`` replies
+    (``separated_privatization_mod``) rewrites the update that gets masked. The
+    protocol's own exchanges are not wrapped: their replies are keys and shares.
     """
     client = TorchClient(task)
+    training = ClientApp(mods=list(mods))
+    training.train()(client.train)
     app = ClientApp()
-    SecAggClient(client.train).register(app)
-    app.evaluate()(client.evaluate)
+    SecAggClient(training).register(app)
+    app.evaluate(mods=list(mods))(client.evaluate)
     return app
+
+
+def _train_view(message: Message) -> Message:
+    """Return the masked-input message as the plain ``train`` message a train handler expects.
+
+    Same ids and model, without the protocol's record, typed ``train``: the handler
+    and its mods see what they would see in plain training.
+    """
+    metadata = copy(message.metadata)
+    metadata.message_type = MessageType.TRAIN
+    content = RecordDict(
+        {name: rec for name, rec in message.content.items() if name != wire.RECORD}
+    )
+    # ``metadata=`` is Flower's internal constructor path (not in its typed overloads).
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
 
 
 def _round(message: Message) -> int:

@@ -17,6 +17,10 @@ clipping; spec ``shared/specs/private-aggregation.md`` section 2. Per round:
    other strategy's apply unchanged;
 5. the accountant composes the round; ε at δ is reported every round.
 
+Steps 1, 3 and 5 are :class:`~fedsim.strategies.gaussian_sum_release.GaussianSumRelease`'s,
+shared with :class:`~fedsim.strategies.secure_central_dp.SecureCentralDP`, where
+clients clip and the server sees only the securely aggregated sum.
+
 Why not Flower's ``DifferentialPrivacyServerSideFixedClipping``: it hands the
 clipped replies to the inner strategy's *example-weighted* mean over the
 *replies received*, so one client's contribution is bounded by S·w_i/Σw, not S/C̄
@@ -35,8 +39,8 @@ Client metrics (loss) are averaged in the clear and are not covered by the
 guarantee, as in Flower's wrappers.
 """
 
-from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -47,24 +51,20 @@ from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.checkpoint import Stateful
 from fedsim.loop import TrainRound
-from fedsim.privacy.accounting import ACCOUNTANTS, Accountant, FixedSizeRdpAccountant
 from fedsim.privacy.adaptive_clipping import (
     indicator_noise_std,
     next_clip_norm,
     noisy_unclipped_fraction,
     update_noise_multiplier,
 )
-from fedsim.privacy.central import noisy_average
 from fedsim.privacy.clipping import clip_l2
 from fedsim.privacy.flat import FlatLayout, flatten, unflatten
-from fedsim.privacy.poisson import poisson_cohort
 from fedsim.records import records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.fedavg import skip_reply
+from fedsim.strategies.gaussian_sum_release import COHORT_METRIC, GaussianSumRelease, Sampling
 from fedsim.strategies.multi_exchange import RunsItsOwnRounds
-from fedsim.strategies.sampling import available_nodes, sample_cohort
-
-Sampling = Literal["poisson", "fixed"]
+from fedsim.strategies.sampling import available_nodes
 
 
 class CentralDP(RunsItsOwnRounds, Strategy):
@@ -113,27 +113,19 @@ class CentralDP(RunsItsOwnRounds, Strategy):
         accounting_population: int | None = None,
         seed: int = 0,
     ) -> None:
-        if noise_multiplier < 0 or clip_norm <= 0 or expected_cohort_size < 1:
-            raise ValueError(
-                "central DP needs noise_multiplier >= 0, clip_norm > 0 and "
-                f"expected_cohort_size >= 1; got {noise_multiplier}, {clip_norm}, "
-                f"{expected_cohort_size}"
-            )
-        if sampling not in ("poisson", "fixed") or accountant not in ACCOUNTANTS:
-            raise ValueError(
-                f"sampling must be 'poisson' or 'fixed' and accountant one of "
-                f"{sorted(ACCOUNTANTS)}; got {sampling!r}, {accountant!r}"
-            )
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must lie in (0, 1), got {delta}")
         self.strategy = strategy
-        self.noise_multiplier, self.clip_norm = noise_multiplier, clip_norm
-        self.expected_cohort_size, self.sampling = expected_cohort_size, sampling
-        self.accountant_name, self.delta = accountant, delta
-        self.adaptive_clipping, self.seed = adaptive_clipping, seed
-        self.noise_cohort_size = noise_cohort_size
-        self.accounting_population = accounting_population
-        self.accountant: Accountant | None = None  # built on the first round (needs N)
+        self.release = GaussianSumRelease(
+            noise_multiplier=noise_multiplier,
+            clip_norm=clip_norm,
+            expected_cohort_size=expected_cohort_size,
+            sampling=sampling,
+            accountant=accountant,
+            delta=delta,
+            noise_cohort_size=noise_cohort_size,
+            accounting_population=accounting_population,
+            seed=seed,
+        )
+        self.adaptive_clipping = adaptive_clipping
 
     # --------------------------------------------------------------- a round
 
@@ -142,7 +134,7 @@ class CentralDP(RunsItsOwnRounds, Strategy):
     ) -> TrainRound:
         """Sample, collect, clip, sum, noise, account; let the inner strategy step."""
         node_ids = available_nodes(grid, 1)
-        cohort = self._cohort(server_round, node_ids)
+        cohort = self.release.cohort(server_round, node_ids)
         template = next(iter(self.strategy.configure_train(server_round, arrays, config, grid)))
         replies = yield [
             Message(template.content, node, template.metadata.message_type) for node in cohort
@@ -150,41 +142,24 @@ class CentralDP(RunsItsOwnRounds, Strategy):
         global_vector, layout = flatten(arrays_of(arrays))
         total, unclipped, losses, counted = self._sum_clipped(replies, global_vector, layout)
 
-        noise_multiplier = self._update_noise_multiplier()
-        rng = numpy_rng(self.seed, server_round, SERVER_NODE, "central-dp-noise")
-        noisy_mean = noisy_average(
+        clip_norm_used = self.release.clip_norm
+        noisy_mean = self.release.release(
             total,
-            noise_multiplier=noise_multiplier,
-            clip_norm=self.clip_norm,
-            expected_cohort_size=self.expected_cohort_size,
-            rng=rng,
-            noise_cohort_size=self.noise_cohort_size,
+            server_round=server_round,
+            population=len(node_ids),
+            noise_multiplier=self._update_noise_multiplier(),
         )
-        clip_norm_used = self.clip_norm
         if self.adaptive_clipping:
-            fraction = noisy_unclipped_fraction(
-                unclipped,
-                expected_cohort_size=self.expected_cohort_size,
-                noise_std=indicator_noise_std(self.expected_cohort_size),
-                rng=rng,
-            )
-            self.clip_norm = next_clip_norm(self.clip_norm, unclipped_fraction=fraction)
-        self._account(len(node_ids))
+            self._adapt_clip_norm(server_round, unclipped)
 
         noisy_model = unflatten(global_vector + noisy_mean, layout)
         new_arrays, _ = self.strategy.aggregate_train(
             server_round, [_one_reply(to_array_record(noisy_model), server_round)]
         )
-        metrics = MetricRecord({"dp-clip-norm": clip_norm_used, "dp-cohort": counted})
+        metrics = MetricRecord({"dp-clip-norm": clip_norm_used, COHORT_METRIC: counted})
         if losses:
             metrics[keys.TRAIN_LOSS] = float(np.mean(losses))
         return new_arrays, metrics
-
-    def _cohort(self, server_round: int, node_ids: Sequence[int]) -> list[int]:
-        rng = numpy_rng(self.seed, server_round, SERVER_NODE, "central-dp-cohort")
-        if self.sampling == "poisson":
-            return poisson_cohort(node_ids, rate=self.expected_cohort_size / len(node_ids), rng=rng)
-        return sample_cohort(node_ids, min(self.expected_cohort_size, len(node_ids)), rng)
 
     def _sum_clipped(
         self, replies: Iterable[Message], global_vector: np.ndarray, layout: FlatLayout
@@ -204,9 +179,9 @@ class CentralDP(RunsItsOwnRounds, Strategy):
             if model_layout != layout or not np.all(np.isfinite(model)):
                 skip_reply(reply, "arrays differ from the model's, or are not finite")
                 continue
-            clipped, norm = clip_l2(model - global_vector, self.clip_norm)
+            clipped, norm = clip_l2(model - global_vector, self.release.clip_norm)
             total += clipped
-            unclipped += norm <= self.clip_norm
+            unclipped += norm <= self.release.clip_norm
             counted += 1
             metric_records = records_of(reply.content, MetricRecord)
             for record in metric_records.values():
@@ -216,53 +191,37 @@ class CentralDP(RunsItsOwnRounds, Strategy):
 
     def _update_noise_multiplier(self) -> float:
         if not self.adaptive_clipping:
-            return self.noise_multiplier
+            return self.release.noise_multiplier
         return update_noise_multiplier(
-            self.noise_multiplier,
-            indicator_noise_std=indicator_noise_std(self.expected_cohort_size),
+            self.release.noise_multiplier,
+            indicator_noise_std=indicator_noise_std(self.release.expected_cohort_size),
         )
 
-    def _account(self, population: int) -> None:
-        accounting_population = self.accounting_population or population
-        cohort = self.noise_cohort_size or self.expected_cohort_size
-        if self.accountant is None:
-            self.accountant = (
-                FixedSizeRdpAccountant(accounting_population)
-                if self.sampling == "fixed"
-                else ACCOUNTANTS[self.accountant_name]()
-            )
-        self.accountant.step(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=min(1.0, cohort / accounting_population),
+    def _adapt_clip_norm(self, server_round: int, unclipped: int) -> None:
+        """Move S towards the median update norm (Andrew et al.) from the noisy unclipped count."""
+        cohort = self.release.expected_cohort_size
+        fraction = noisy_unclipped_fraction(
+            unclipped,
+            expected_cohort_size=cohort,
+            noise_std=indicator_noise_std(cohort),
+            rng=numpy_rng(self.release.seed, server_round, SERVER_NODE, "central-dp-clip-noise"),
         )
+        self.release.clip_norm = next_clip_norm(self.release.clip_norm, unclipped_fraction=fraction)
 
     # ------------------------------------------------------ reporting, state
 
     def privacy(self) -> dict[str, float]:
         """Return the ε spent so far at δ (the loop reports it every round)."""
-        epsilon = self.accountant.epsilon(self.delta) if self.accountant else 0.0
-        return {"epsilon": epsilon, "delta": self.delta}
+        return self.release.privacy()
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the accountant's history, the clip norm and the inner strategy's state."""
+        """Return the release's state (accountant, clip norm) and the inner strategy's."""
         inner = self.strategy.state_dict() if isinstance(self.strategy, Stateful) else None
-        return {
-            "accountant": self.accountant.state_dict() if self.accountant else None,
-            "population": getattr(self.accountant, "population", None),
-            "clip_norm": self.clip_norm,
-            "inner": inner,
-        }
+        return {"release": self.release.state_dict(), "inner": inner}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
-        self.clip_norm = state["clip_norm"]
-        if state["accountant"] is not None:
-            self.accountant = (
-                FixedSizeRdpAccountant(state["population"])
-                if self.sampling == "fixed"
-                else ACCOUNTANTS[self.accountant_name]()
-            )
-            self.accountant.load_state_dict(state["accountant"])
+        self.release.load_state_dict(state["release"])
         if state["inner"] is not None and isinstance(self.strategy, Stateful):
             self.strategy.load_state_dict(state["inner"])
 

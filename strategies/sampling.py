@@ -1,4 +1,4 @@
-"""Seeded cohort sampling that never lists the whole population."""
+"""Seeded cohort sampling (fixed-size or Poisson) that never lists the whole population."""
 
 import logging
 import time
@@ -43,3 +43,17 @@ def sample_cohort(node_ids: Sequence[int], size: int, rng: np.random.Generator) 
         raise ValueError(f"cannot sample {size} nodes from {len(node_ids)}")
     positions = np.sort(rng.choice(len(node_ids), size=size, replace=False))
     return [node_ids[int(p)] for p in positions]
+
+
+def poisson_cohort(node_ids: Sequence[int], *, rate: float, rng: np.random.Generator) -> list[int]:
+    """Return the node ids that joined, in ascending position, each with probability ``rate``.
+
+    Privacy amplification by subsampling, as the accountants compute it for
+    DP-FedAvg (McMahan et al. 2018), assumes this sampling, not a fixed-size
+    cohort. Independent Bernoulli(q) draws give a Binomial(K, q) cohort size and,
+    given that size, a uniform subset; drawing it that way touches only the
+    sampled ids.
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"sampling rate must lie in [0, 1], got {rate}")
+    return sample_cohort(node_ids, int(rng.binomial(len(node_ids), rate)), rng)

@@ -30,11 +30,15 @@ from the sum, and decodes it into the example-weighted mean update (Δ = trained
 server learns Σ w·Δ and Σ w over U3 and nothing per client; per-client metrics
 (train loss) are not sent. Quantization error: below c/L per coordinate
 (``fedsim.privacy.secagg.quantization``); coordinates beyond ±c are clipped.
+
+:meth:`SecureAggregation.secure_sum` runs the four exchanges for any cohort and
+returns the unmasked sum; :class:`fedsim.strategies.secure_central_dp.SecureCentralDP`
+reuses it with its own cohort, unweighted L2-clipped inputs and central noise.
 """
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -113,18 +117,50 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
         """Run the four exchanges of one round; return the new global arrays, or None."""
         instructions = list(self.strategy.configure_train(server_round, arrays, config, grid))
         cohort = [message.metadata.dst_node_id for message in instructions]
-        t = self.threshold(len(cohort))
-        # The wrapped strategy's training content (the same for the whole cohort, as
-        # FedAvg's is) goes with the masked-input exchange; its config, with every exchange.
-        train_content = instructions[0].content if instructions else RecordDict()
-        config = records_of(train_content, ConfigRecord).get(keys.CONFIG, config)
-        config = ConfigRecord({**config, keys.SERVER_ROUND: server_round})
-        train_content = RecordDict({**train_content, keys.CONFIG: config})
+        start, layout = flatten(arrays_of(arrays))
+        outcome = yield from self.secure_sum(
+            server_round,
+            cohort,
+            round_content(instructions, config, server_round),
+            dim=layout.size,
+            contribution={wire.WEIGHT_KEY: self.weight_key},
+        )
+        if outcome is None:
+            return None, None
+        try:
+            mean, weight = outcome.quantizer.decode(outcome.total)
+        except ValueError as exc:
+            _failed(server_round, exc)
+            return None, None
+        new_arrays, _ = self.strategy.aggregate_train(
+            server_round, [self._one_reply(unflatten(start + mean, layout), weight)]
+        )
+        metrics = outcome.metrics()
+        metrics[self.weight_key] = weight
+        return new_arrays, metrics
 
+    def secure_sum(
+        self,
+        server_round: int,
+        cohort: list[int],
+        train_content: RecordDict,
+        *,
+        dim: int,
+        contribution: dict[str, Any],
+    ) -> Generator[list[Message], Iterable[Message], "SecureSum | None"]:
+        """Run the four exchanges with ``cohort``; return the unmasked sum, or None if stopped.
+
+        ``train_content`` (model and config, see :func:`round_content`) goes with
+        the masked-input exchange, its config with every exchange; ``contribution``
+        tells clients what to mask: their weighted update (``wire.WEIGHT_KEY``) or
+        their update L2-clipped, with weight 1 (``wire.L2_CLIP``).
+        """
+        t = self.threshold(len(cohort))
+        config = get_record(train_content, keys.CONFIG, ConfigRecord)
         replies = yield self._send(cohort, wire.ADVERTISE_KEYS, {keys.CONFIG: config})
         public_keys = _parsed(replies, cohort, _public_keys)
         if not _enough(server_round, wire.ADVERTISE_KEYS, len(public_keys), t):
-            return None, None
+            return None
 
         u1 = sorted(public_keys)
         advertised = _advertised(public_keys, t)
@@ -133,7 +169,7 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
         )
         sealed = _parsed(replies, u1, _sealed_for(u1))
         if not _enough(server_round, wire.SHARE_KEYS, len(sealed), t):
-            return None, None
+            return None
 
         u2 = sorted(sealed)
         quantizer = FieldQuantizer(
@@ -142,30 +178,25 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
             max_weight=self.max_weight,
         )
         replies = yield [
-            self._masked_input_message(train_content, u, sealed, quantizer) for u in u2
+            self._masked_input_message(train_content, u, sealed, quantizer, contribution)
+            for u in u2
         ]
-        start, layout = flatten(arrays_of(arrays))
-        total, u3 = _masked_sum(replies, u2, layout.size + 1)
+        total, u3 = _masked_sum(replies, u2, dim + 1)
         if not _enough(server_round, wire.MASKED_INPUT, len(u3), t):
-            return None, None
+            return None
 
         dropped = [v for v in u2 if v not in u3]
         lists = ConfigRecord({wire.SURVIVORS: u3, wire.DROPPED: dropped})
         replies = yield self._send(u3, wire.UNMASK, {keys.CONFIG: config, wire.RECORD: lists})
         shares = _parsed(replies, u3, _held_shares)
         if not _enough(server_round, wire.UNMASK, len(shares), t):
-            return None, None
+            return None
         try:
-            mean, weight = quantizer.decode(_unmasked(total, shares, public_keys, u3, dropped, t))
+            unmasked = _unmasked(total, shares, public_keys, u3, dropped, t)
         except ValueError as exc:
-            logger.warning("Round %d: secure aggregation failed: %s; model kept", server_round, exc)
-            return None, None
-        new_arrays, _ = self.strategy.aggregate_train(
-            server_round, [self._one_reply(unflatten(start + mean, layout), weight)]
-        )
-        metrics = MetricRecord({wire.SURVIVORS_METRIC: len(u3), wire.DROPPED_METRIC: len(dropped)})
-        metrics[self.weight_key] = weight
-        return new_arrays, metrics
+            _failed(server_round, exc)
+            return None
+        return SecureSum(unmasked, quantizer, survivors=len(u3), dropped=len(dropped))
 
     def _send(self, nodes: list[int], message_type: str, records: dict[str, Any]) -> list[Message]:
         """Address one RecordDict of ``records`` to every node of ``nodes``."""
@@ -178,6 +209,7 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
         node: int,
         sealed: dict[int, dict[int, bytes]],
         quantizer: FieldQuantizer,
+        contribution: dict[str, Any],
     ) -> Message:
         """Address the training content, the quantizer and the shares sealed for ``node`` to it."""
         sources = [v for v in sorted(sealed) if v != node]
@@ -188,7 +220,7 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
                 wire.CLIP_RANGE: quantizer.clip_range,
                 wire.LEVELS: quantizer.levels,
                 wire.MAX_WEIGHT: quantizer.max_weight,
-                wire.WEIGHT_KEY: self.weight_key,
+                **contribution,
             }
         )
         (message,) = self._send([node], wire.MASKED_INPUT, {**train_content, wire.RECORD: record})
@@ -232,6 +264,39 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
         """Restore what :meth:`state_dict` returned."""
         if state["inner"] is not None and isinstance(self.strategy, Stateful):
             self.strategy.load_state_dict(state["inner"])
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """A round's unmasked sum (uint32, as the quantizer encoded it) and who is in it."""
+
+    total: np.ndarray
+    quantizer: FieldQuantizer
+    survivors: int
+    dropped: int
+
+    def metrics(self) -> MetricRecord:
+        """Return the round's survivor and dropout counts."""
+        return MetricRecord(
+            {wire.SURVIVORS_METRIC: self.survivors, wire.DROPPED_METRIC: self.dropped}
+        )
+
+
+def round_content(
+    instructions: list[Message], config: ConfigRecord, server_round: int
+) -> RecordDict:
+    """Return the wrapped strategy's training content, its config stamped with the round.
+
+    The content is the same for the whole cohort, as FedAvg's is.
+    """
+    train_content = instructions[0].content if instructions else RecordDict()
+    config = records_of(train_content, ConfigRecord).get(keys.CONFIG, config)
+    config = ConfigRecord({**config, keys.SERVER_ROUND: server_round})
+    return RecordDict({**train_content, keys.CONFIG: config})
+
+
+def _failed(server_round: int, exc: ValueError) -> None:
+    logger.warning("Round %d: secure aggregation failed: %s; model kept", server_round, exc)
 
 
 def _parsed(

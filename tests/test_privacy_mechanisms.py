@@ -21,7 +21,6 @@ from fedsim.privacy.central import average_noise_std, noisy_average
 from fedsim.privacy.clipping import clip_l2
 from fedsim.privacy.flat import flatten, unflatten
 from fedsim.privacy.gaussian import add_gaussian_noise
-from fedsim.privacy.poisson import poisson_cohort
 from fedsim.privacy.privunit import (
     PrivUnitParams,
     calibrate_privunit,
@@ -32,6 +31,7 @@ from fedsim.privacy.privunit import (
 )
 from fedsim.privacy.scalar_dp import ScalarDPParams, scalar_dp, scalar_dp_moments
 from fedsim.privacy.separated import privatize_separated
+from fedsim.strategies.sampling import poisson_cohort
 
 K = 5  # standard errors
 DKW_TAIL = 2 * special.ndtr(-K)  # the two-sided tail of K standard errors

@@ -9,9 +9,11 @@ per module (the spec is ``specs/private-aggregation.md``):
 * :mod:`~fedsim.privacy.privunit` and :mod:`~fedsim.privacy.scalar_dp`: the local
   randomizers of Bhowmick et al. (2018) for a direction and a magnitude, which
   :mod:`~fedsim.privacy.separated` composes into one local privatizer;
-* :mod:`~fedsim.privacy.central`, :mod:`~fedsim.privacy.adaptive_clipping` and
-  :mod:`~fedsim.privacy.poisson`: DP-FedAvg's noisy average, clip-norm update and
-  cohort sampling;
+* :mod:`~fedsim.privacy.central` and :mod:`~fedsim.privacy.adaptive_clipping`:
+  DP-FedAvg's noisy average and clip-norm update (Poisson cohorts are drawn by
+  ``fedsim.strategies.sampling.poisson_cohort``);
 * :mod:`~fedsim.privacy.accounting`: epsilon of the Poisson-subsampled Gaussian
-  over rounds, and noise calibration (imports Opacus, so it is not imported here).
+  over rounds, and noise calibration (imports Opacus, so it is not imported here);
+* :mod:`~fedsim.privacy.secagg`: secure aggregation's field quantization, masks and
+  cryptography (the protocol is ``fedsim.strategies.SecureAggregation``).
 """

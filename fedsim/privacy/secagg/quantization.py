@@ -17,6 +17,11 @@ Error bound: where no coordinate was clipped, the decoded mean (c/L)·Σ w q / �
 differs from the exact weighted mean Σ w Δ / Σ w by less than c/L in every
 coordinate (a weighted mean of rounding errors each below one level), and is
 unbiased.
+
+Under central DP every client has weight 1 (W = 1) and clips its update in L2
+norm (:meth:`FieldQuantizer.safe_l2_radius`) with c = S, so no coordinate is
+range-clipped; the server decodes the sum (:meth:`FieldQuantizer.decode_sum`),
+whose error is below n·c/L per coordinate for n contributions.
 """
 
 from dataclasses import dataclass
@@ -89,13 +94,34 @@ class FieldQuantizer:
         weighted = np.append(stochastic_round(scaled, rng) * w, w)
         return np.mod(weighted, MODULUS).astype(np.uint32)
 
+    def safe_l2_radius(self, norm_bound: float, dim: int) -> float:
+        """Return the L2 radius r that keeps a decoded contribution within ``norm_bound``.
+
+        Stochastic rounding moves each of the d coordinates by less than c/L, so a
+        vector by less than √d·c/L: an update clipped to r = S - √d·c/L decodes to
+        norm below S, so a sum of such contributions has sensitivity S exactly, as
+        central DP's noise assumes. With S ≤ c no coordinate is range-clipped.
+        """
+        if not norm_bound > 0:
+            raise ValueError(f"the norm bound must be positive, got {norm_bound}")
+        radius = norm_bound - np.sqrt(dim) * self.error_bound
+        if radius <= 0:
+            raise ValueError(
+                f"{dim} coordinates at {self.levels} levels can round past norm {norm_bound}"
+            )
+        return float(radius)
+
+    def decode_sum(self, total: np.ndarray) -> tuple[np.ndarray, int]:
+        """Return the sum of the weighted updates and the total weight from an unmasked sum."""
+        signed = np.ascontiguousarray(total[:-1], dtype=np.uint32).view(np.int32)
+        return signed.astype(np.float64) * self.error_bound, int(total[-1])
+
     def decode(self, total: np.ndarray) -> tuple[np.ndarray, int]:
         """Return the weighted mean update and the total weight from an unmasked sum.
 
         Raises ``ValueError`` if the total weight is zero (no client had data).
         """
-        weight = int(total[-1])
+        weighted_sum, weight = self.decode_sum(total)
         if weight == 0:
             raise ValueError("the total weight is zero")
-        signed = np.ascontiguousarray(total[:-1], dtype=np.uint32).view(np.int32)
-        return signed.astype(np.float64) * (self.error_bound / weight), weight
+        return weighted_sum / weight, weight

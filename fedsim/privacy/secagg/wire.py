@@ -41,7 +41,10 @@ CIPHERTEXTS: Final = "ciphertexts"
 CLIP_RANGE: Final = "clip-range"
 LEVELS: Final = "levels"
 MAX_WEIGHT: Final = "max-weight"
+# What a client masks: its update weighted by the reply metric WEIGHT_KEY names, or
+# (central DP) its update clipped to L2 norm L2_CLIP, with weight 1.
 WEIGHT_KEY: Final = "weight-key"
+L2_CLIP: Final = "l2-clip"
 SURVIVORS: Final = "survivors"
 DROPPED: Final = "dropped"
 B_NODES: Final = "b-nodes"
