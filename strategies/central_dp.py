@@ -63,11 +63,11 @@ from fedsim.records import records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.fedavg import skip_reply
 from fedsim.strategies.gaussian_sum_release import COHORT_METRIC, GaussianSumRelease, Sampling
-from fedsim.strategies.multi_exchange import RunsItsOwnRounds
+from fedsim.strategies.multi_exchange import WrapsStrategy
 from fedsim.strategies.sampling import available_nodes
 
 
-class CentralDP(RunsItsOwnRounds, Strategy):
+class CentralDP(WrapsStrategy):
     """Wrap ``strategy`` in central DP with fixed or adaptive clipping.
 
     Parameters
@@ -224,24 +224,6 @@ class CentralDP(RunsItsOwnRounds, Strategy):
         self.release.load_state_dict(state["release"])
         if state["inner"] is not None and isinstance(self.strategy, Stateful):
             self.strategy.load_state_dict(state["inner"])
-
-    # --------------------------------------------- the rest is the inner's
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Let the inner strategy configure federated evaluation."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Let the inner strategy aggregate federated evaluation."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        """Log the inner strategy's summary."""
-        self.strategy.summary()
 
 
 def _one_reply(arrays: ArrayRecord, server_round: int) -> Message:

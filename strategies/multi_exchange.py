@@ -106,6 +106,32 @@ class RunsItsOwnRounds:
         return result
 
 
+class WrapsStrategy(RunsItsOwnRounds, Strategy):
+    """Base of wrappers (central DP, secure aggregation) around a one-exchange strategy.
+
+    The wrapper runs its own training round; the inner strategy, held in
+    ``self.strategy``, keeps federated evaluation and the summary.
+    """
+
+    strategy: Strategy
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Let the inner strategy configure federated evaluation."""
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Let the inner strategy aggregate federated evaluation."""
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        """Log the inner strategy's summary."""
+        self.strategy.summary()
+
+
 class GradientStrategy(RunsItsOwnRounds, FedAvg):
     """Shared machinery: worker cohorts, per-exchange configs, reply means, ``start``.
 

@@ -61,14 +61,14 @@ from fedsim.records import get_record, records_of
 from fedsim.seeding import SERVER_NODE
 from fedsim.strategies.aggregation import InvalidReplyError
 from fedsim.strategies.fedavg import skip_reply
-from fedsim.strategies.multi_exchange import RunsItsOwnRounds
+from fedsim.strategies.multi_exchange import WrapsStrategy
 
 logger = logging.getLogger(__name__)
 
 P = TypeVar("P")
 
 
-class SecureAggregation(RunsItsOwnRounds, Strategy):
+class SecureAggregation(WrapsStrategy):
     """Run ``strategy``'s training under secure aggregation.
 
     Parameters
@@ -235,24 +235,6 @@ class SecureAggregation(RunsItsOwnRounds, Strategy):
             }
         )
         return Message(content, SERVER_NODE, "train")
-
-    # --------------------------------------------- the rest is the wrapped strategy's
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Let the wrapped strategy configure federated evaluation."""
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        """Let the wrapped strategy aggregate federated evaluation."""
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        """Log the wrapped strategy's summary."""
-        self.strategy.summary()
 
     def state_dict(self) -> dict[str, Any]:
         """Return the wrapped strategy's state: a round keeps nothing once it ends."""

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,3 +49,20 @@ def run_cli(
     return subprocess.run(
         command, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python SCRIPT ARGS`` from the repository root, as a user runs an experiment.
+
+    Its own interpreter: experiment scripts start process pools, which must not
+    live in the pytest process. Fails the test with the output's tail if it fails.
+    """
+    done = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done

@@ -3,11 +3,11 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "privacy_utility.py"
@@ -28,16 +28,7 @@ def _sweep(value: str) -> float | None:
 
 @pytest.mark.slow
 def test_quick_run_writes_table_plot_and_raw_results(tmp_path: Path) -> None:
-    # The script runs in its own interpreter, as a user runs it: its process pool
-    # must not live in the pytest process.
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = run_script(SCRIPT, "--quick", "--out", str(tmp_path))
 
     for name in ("table.csv", "table.md", "privacy_utility.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0, name
