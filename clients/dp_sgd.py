@@ -11,18 +11,17 @@ node's ``Context.state`` and travels with the node to whichever process runs it.
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from flwr.app import ConfigRecord, Context
-from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, Dataset
 
 from fedsim.clients.training import LossFn
 from fedsim.records import records_of
+
+if TYPE_CHECKING:  # Opacus is imported where DP-SGD runs: most runs never load it
+    from opacus import GradSampleModule
 
 ACCOUNTANT_STATE = "fedsim.dp-sgd"
 
@@ -44,7 +43,7 @@ class DPSGD:
 
 
 def train_dp_sgd(
-    model: GradSampleModule,
+    model: "GradSampleModule",
     dataset: Dataset,
     *,
     loss_fn: LossFn,
@@ -61,6 +60,9 @@ def train_dp_sgd(
     ``1 / rate`` steps, as Opacus counts it. ``optimizer`` must be built on the
     wrapped model's parameters.
     """
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
+
     loader = DPDataLoader.from_data_loader(
         DataLoader(dataset, batch_size=batch_size), generator=generator
     )
@@ -95,6 +97,8 @@ def spend(context: Context, settings: DPSGD, *, sample_rate: float, steps: int) 
 
     Without noise there is no privacy to account: ``None``.
     """
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(_history(context))
     if steps:

@@ -2,11 +2,10 @@
 
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -16,6 +15,9 @@ from fedsim.clients.dp_sgd import DPSGD, spend, train_dp_sgd
 from fedsim.clients.training import LossFn, evaluate, train_epochs
 from fedsim.records import get_record, records_of
 from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
+
+if TYPE_CHECKING:  # Opacus loads only when a client trains with DP-SGD
+    from opacus import GradSampleModule
 
 OptimizerFn = Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer]
 
@@ -73,9 +75,10 @@ class TorchClient:
         self.device = resolve_device(task.device)
         self._model: nn.Module | None = None
         self._private_model: GradSampleModule | None = None
-        self._loaded: tuple[tuple[bytes, ...], list[tuple[torch.Tensor, torch.Tensor]]] | None = (
-            None
-        )
+        # The last global model's payloads, the model's state tensors and the decoded values.
+        self._loaded: (
+            tuple[tuple[bytes, ...], dict[str, torch.Tensor], dict[str, torch.Tensor]] | None
+        ) = None
 
     def model(self, arrays: ArrayRecord) -> nn.Module:
         """Return the process's model instance loaded with ``arrays``.
@@ -101,15 +104,23 @@ class TorchClient:
             }
             model.load_state_dict(state)
             targets = model.state_dict()
-            self._loaded = (payloads, [(targets[name], value) for name, value in state.items()])
+            self._loaded = (payloads, {name: targets[name] for name in state}, state)
         else:
             with torch.no_grad():
-                for target, value in loaded[1]:
+                for target, value in zip(loaded[1].values(), loaded[2].values(), strict=True):
                     target.copy_(value)
         return model
 
-    def private_model(self) -> GradSampleModule:
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """Return the model's state tensors (live views), by the names the server sent."""
+        if self._loaded is None:
+            raise RuntimeError("no model was loaded in this process yet")
+        return self._loaded[1]
+
+    def private_model(self) -> "GradSampleModule":
         """Return the process model wrapped once in Opacus's per-sample gradient hooks."""
+        from opacus import GradSampleModule
+
         if self._private_model is None:
             self._private_model = GradSampleModule(self.process_model())
         return self._private_model
@@ -166,7 +177,7 @@ class TorchClient:
         content = RecordDict(
             {
                 keys.ARRAYS: to_array_record(
-                    {k: t.detach().cpu().numpy() for k, t in model.state_dict().items()}
+                    {k: t.detach().cpu().numpy() for k, t in self.trained_state().items()}
                 ),
                 keys.METRICS: MetricRecord(
                     {

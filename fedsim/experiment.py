@@ -21,7 +21,6 @@ from torch.utils.data import Dataset
 from fedsim import keys
 from fedsim.clients import TorchTask
 from fedsim.clients.dp_sgd import DPSGD
-from fedsim.clients.private_update import SeparatedPrivatization, separated_privatization_mod
 from fedsim.clients.training import evaluate
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
@@ -30,7 +29,7 @@ from fedsim.models import model_factory
 from fedsim.progress import ProgressBar
 from fedsim.results import RunRecorder, check_resumable, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
-from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, CentralDP, FedAvg, LocalSGD, MinibatchSGD
+from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
 
 
 @lru_cache(maxsize=2)
@@ -89,6 +88,8 @@ def build_strategy(config: RunConfig) -> Strategy:
     privacy = config.privacy
     if not privacy.central_dp:
         return strategy
+    from fedsim.strategies.central_dp import CentralDP  # loads Opacus: only when asked for
+
     return CentralDP(
         strategy,
         noise_multiplier=privacy.noise_multiplier,
@@ -109,6 +110,11 @@ def client_mods(config: RunConfig) -> list[Mod]:
     privacy = config.privacy
     if not privacy.local_dp:
         return []
+    from fedsim.clients.private_update import (  # loads SciPy: only when asked for
+        SeparatedPrivatization,
+        separated_privatization_mod,
+    )
+
     return [
         separated_privatization_mod(
             SeparatedPrivatization(
