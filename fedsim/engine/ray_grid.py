@@ -153,6 +153,10 @@ class RayGrid(SimulatedGrid):
         size = pool_size(self.resources, ray.cluster_resources())
         self._actors = [self._new_actor() for _ in range(size)]
         ray.get([actor.ready.remote() for actor in self._actors])
+        # The driver aggregates while the actors train: its torch ops (the streaming
+        # mean's add_) must not spread over the actors' cores with spinning threads.
+        self._driver_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         self.startup_s = time.perf_counter() - start
 
     def _new_actor(self) -> Any:
@@ -243,6 +247,7 @@ class RayGrid(SimulatedGrid):
         for actor in self._actors:
             ray.kill(actor)
         self._actors = []
+        torch.set_num_threads(self._driver_threads)
         if self._owns_ray:
             ray.shutdown()
 
