@@ -75,25 +75,14 @@ class CentralDP(WrapsStrategy):
     strategy
         Any one-exchange Flower strategy; it supplies the training message and
         the server step, and runs federated evaluation.
-    noise_multiplier
-        z; the noise std on the sum of clipped updates is z·S.
-    clip_norm
-        S (with ``adaptive_clipping``: the initial C_0).
-    expected_cohort_size
-        C̄, clients per round (the Poisson rate is C̄/N).
-    sampling
-        ``"poisson"`` or ``"fixed"``.
-    accountant
-        ``"rdp"`` or ``"prv"`` (Poisson sampling); fixed-size cohorts always use
-        the RDP accountant for sampling without replacement.
-    delta
-        δ of the reported ε.
+    noise_multiplier, clip_norm, expected_cohort_size, sampling, accountant, delta,
+    noise_cohort_size, accounting_population
+        As for :class:`~fedsim.strategies.gaussian_sum_release.GaussianSumRelease`,
+        which draws the cohort, adds the noise and keeps the accountant
+        (``clip_norm`` is the initial C_0 with ``adaptive_clipping``).
     adaptive_clipping
         Track the median update norm (Andrew et al.); the updates' noise
         multiplier becomes z_Δ so the round stays as private as one z-Gaussian.
-    noise_cohort_size, accounting_population
-        Calibrate noise and accounting for a deployment of C_n clients per round
-        out of ``accounting_population`` (pfl-research's option).
     seed
         Seeds cohort and noise draws, per round.
     """
