@@ -24,8 +24,8 @@ from fedsim.clients.local_routines import (
     local_steps,
     scaffold_steps,
 )
-from fedsim.clients.torch_client import TorchClient
-from fedsim.records import get_record, records_of
+from fedsim.clients.torch_client import TorchClient, TorchTask
+from fedsim.records import config_number, get_record, records_of
 from fedsim.seeding import torch_generator
 
 
@@ -40,6 +40,11 @@ class GradientClient(TorchClient):
         keys.TRAIN_LOCAL: "local",
         keys.TRAIN_SCAFFOLD: "scaffold",
     }
+
+    def __init__(self, task: TorchTask) -> None:
+        super().__init__(task)
+        # Sorted parameter names of the process model ([] if it has buffers), read once.
+        self._parameter_names: list[str] | None = None
 
     def anchor(self, message: Message, context: Context) -> Message:
         """Reply g(x; Ĩ) at the message's point and remember the point (a stage start)."""
@@ -70,7 +75,9 @@ class GradientClient(TorchClient):
             self.task.loss_fn,
             point,
             self._tensors(previous_record),
-            data.batch(_int(config, keys.BATCH_SIZE), self._generator(message, context)),
+            data.batch(
+                config_number(config, keys.BATCH_SIZE, int), self._generator(message, context)
+            ),
         )
         _remember_point(context, message)
         return self._reply(message, {keys.ARRAYS: difference}, loss, len(data))
@@ -89,9 +96,9 @@ class GradientClient(TorchClient):
             self.task.loss_fn,
             point,
             data,
-            lr=_float(config, keys.LR),
-            steps=_int(config, keys.LOCAL_STEPS),
-            batch_size=_int(config, keys.BATCH_SIZE),
+            lr=config_number(config, keys.LR, float),
+            steps=config_number(config, keys.LOCAL_STEPS, int),
+            batch_size=config_number(config, keys.BATCH_SIZE, int),
             generator=self._generator(message, context),
             estimate=None if estimate is None else self._tensors(estimate),
         )
@@ -113,9 +120,9 @@ class GradientClient(TorchClient):
             self.task.loss_fn,
             point,
             data,
-            lr=_float(config, keys.LR),
-            steps=_int(config, keys.LOCAL_STEPS),
-            batch_size=_int(config, keys.BATCH_SIZE),
+            lr=config_number(config, keys.LR, float),
+            steps=config_number(config, keys.LOCAL_STEPS, int),
+            batch_size=config_number(config, keys.BATCH_SIZE, int),
             generator=self._generator(message, context),
             server_control=server_control,
             client_control=client_control,
@@ -134,7 +141,9 @@ class GradientClient(TorchClient):
             self._model_of(point),
             self.task.loss_fn,
             point,
-            data.batch(_int(config, keys.BATCH_SIZE), self._generator(message, context)),
+            data.batch(
+                config_number(config, keys.BATCH_SIZE, int), self._generator(message, context)
+            ),
         )
         return gradient, loss, len(data)
 
@@ -153,10 +162,14 @@ class GradientClient(TorchClient):
 
         Points are parameters only: a model with buffers (BatchNorm's running
         statistics) has state no gradient describes, so these strategies refuse it.
+        The model's names are read once per process; each point is checked against them.
         """
         model = self.process_model()
-        names = [name for name, _ in model.named_parameters()]
-        if sorted(names) != sorted(point) or len(model.state_dict()) != len(names):
+        if self._parameter_names is None:
+            names = sorted(name for name, _ in model.named_parameters())
+            self._parameter_names = names if len(model.state_dict()) == len(names) else []
+        if not self._parameter_names or self._parameter_names != sorted(point):
+            names = [name for name, _ in model.named_parameters()]
             raise ValueError(
                 "gradient-based strategies need a model whose state is exactly its "
                 f"parameters {names} (no buffers such as BatchNorm's); got {sorted(point)}"
@@ -178,8 +191,8 @@ class GradientClient(TorchClient):
         config = self._config(message)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         return torch_generator(
-            _int(config, keys.SEED),
-            _int(config, keys.SERVER_ROUND),
+            config_number(config, keys.SEED, int),
+            config_number(config, keys.SERVER_ROUND, int),
             partition_id,
             message.metadata.message_type,
         )
@@ -210,15 +223,3 @@ def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return inputs, targets
     pairs = [dataset[i] for i in range(len(cast(TensorDataset, dataset)))]
     return torch.stack([x for x, _ in pairs]), torch.as_tensor([y for _, y in pairs])
-
-
-def _int(config: ConfigRecord, key: str) -> int:
-    if key not in config:
-        raise KeyError(f"the server's config lacks {key!r}")
-    return int(cast(int, config[key]))
-
-
-def _float(config: ConfigRecord, key: str) -> float:
-    if key not in config:
-        raise KeyError(f"the server's config lacks {key!r}")
-    return float(cast(float, config[key]))

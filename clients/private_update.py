@@ -25,7 +25,7 @@ from fedsim.privacy.flat import flatten, unflatten
 from fedsim.privacy.privunit import PrivUnitParams, calibrate_privunit
 from fedsim.privacy.scalar_dp import ScalarDPParams
 from fedsim.privacy.separated import privatize_separated
-from fedsim.records import get_record, records_of
+from fedsim.records import config_number, get_record, records_of
 from fedsim.seeding import numpy_rng
 
 LDP_EPSILON = "ldp-epsilon"
@@ -76,8 +76,8 @@ def separated_privatization_mod(settings: SeparatedPrivatization) -> Mod:
             raise ValueError("the reply's arrays differ from the global model's")
         config = records_of(message.content, ConfigRecord).get(keys.CONFIG, ConfigRecord())
         rng = numpy_rng(
-            int(config.get(keys.SEED, 0)),  # type: ignore[arg-type]
-            int(config.get(keys.SERVER_ROUND, 0)),  # type: ignore[arg-type]
+            config_number(config, keys.SEED, int, 0),
+            config_number(config, keys.SERVER_ROUND, int, 0),
             int(context.node_config[keys.PARTITION_ID]),
             "separated-privatization",
         )

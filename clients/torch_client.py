@@ -13,7 +13,7 @@ from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients.dp_sgd import DPSGD, spend, train_dp_sgd
 from fedsim.clients.training import LossFn, evaluate, train_epochs
-from fedsim.records import get_record, records_of
+from fedsim.records import config_number, get_record, records_of
 from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
 
 if TYPE_CHECKING:  # Opacus loads only when a client trains with DP-SGD
@@ -137,14 +137,15 @@ class TorchClient:
         model = self.model(get_record(message.content, keys.ARRAYS, ArrayRecord))
         dataset = self._partition(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
-        seed, round_ = _int(config, keys.SEED, 0), _int(config, keys.SERVER_ROUND, 0)
+        seed = config_number(config, keys.SEED, int, 0)
+        round_ = config_number(config, keys.SERVER_ROUND, int, 0)
         optimizer = self.task.optimizer_fn(
-            model.parameters(), cast(float, config.get(keys.LR, self.task.lr))
+            model.parameters(), config_number(config, keys.LR, float, self.task.lr)
         )
         # Seeding torch's global RNG per (round, node) makes a client's update (dropout)
         # independent of which clients ran before it in this process.
-        epochs = _int(config, keys.LOCAL_EPOCHS, self.task.local_epochs)
-        batch_size = _int(config, keys.BATCH_SIZE, self.task.batch_size)
+        epochs = config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs)
+        batch_size = config_number(config, keys.BATCH_SIZE, int, self.task.batch_size)
         extra_metrics: dict[str, float] = {}
         with seeded_torch_rng(derive_seed(seed, round_, partition_id, "train"), self.device):
             if self.task.dp_sgd is None:
@@ -204,7 +205,7 @@ class TorchClient:
             model,
             dataset,
             loss_fn=self.task.loss_fn,
-            batch_size=_int(config, keys.BATCH_SIZE, self.task.batch_size),
+            batch_size=config_number(config, keys.BATCH_SIZE, int, self.task.batch_size),
             device=self.device,
         )
         record = MetricRecord({keys.NUM_EXAMPLES: num_examples, **metrics})
@@ -238,9 +239,4 @@ def _count_participation(context: Context) -> None:
     state = records_of(context.state, ConfigRecord).get(keys.CLIENT_STATE)
     if state is None:
         state = context.state[keys.CLIENT_STATE] = ConfigRecord()
-    state[keys.ROUNDS_PARTICIPATED] = _int(state, keys.ROUNDS_PARTICIPATED, 0) + 1
-
-
-def _int(config: ConfigRecord, key: str, default: int) -> int:
-    """Read an integer entry; ConfigRecord values are typed as a wide union."""
-    return int(cast(int, config.get(key, default)))
+    state[keys.ROUNDS_PARTICIPATED] = config_number(state, keys.ROUNDS_PARTICIPATED, int, 0) + 1

@@ -6,11 +6,12 @@ each access; on the per-client path of a simulation that costs more than the
 lookup it serves. These helpers read the RecordDict directly.
 """
 
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 Record = TypeVar("Record", ArrayRecord, ConfigRecord, MetricRecord)
+Number = TypeVar("Number", int, float)
 
 
 def records_of(content: RecordDict, kind: type[Record]) -> dict[str, Record]:
@@ -25,3 +26,18 @@ def get_record(content: RecordDict, name: str, kind: type[Record]) -> Record:
         what = "missing" if found is None else f"a {type(found).__name__}"
         raise KeyError(f"the message's {kind.__name__} {name!r} is {what}")
     return found
+
+
+def config_number(
+    config: ConfigRecord, key: str, kind: type[Number], default: Number | None = None
+) -> Number:
+    """Read ``config[key]`` as ``kind`` (int or float), or ``default`` when it is missing.
+
+    Without a default a missing key raises ``KeyError`` naming it. ConfigRecord
+    values are typed as a wide union, hence the conversion.
+    """
+    if key not in config:
+        if default is None:
+            raise KeyError(f"the server's config lacks {key!r}")
+        return default
+    return kind(cast(float, config[key]))

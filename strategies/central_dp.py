@@ -43,13 +43,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim import keys
-from fedsim.arrays import arrays_of, to_array_record
-from fedsim.checkpoint import Stateful
+from fedsim.arrays import arrays_of
 from fedsim.loop import TrainRound
 from fedsim.privacy.adaptive_clipping import (
     indicator_noise_std,
@@ -124,10 +123,8 @@ class CentralDP(WrapsStrategy):
         """Sample, collect, clip, sum, noise, account; let the inner strategy step."""
         node_ids = available_nodes(grid, 1)
         cohort = self.release.cohort(server_round, node_ids)
-        template = next(iter(self.strategy.configure_train(server_round, arrays, config, grid)))
-        replies = yield [
-            Message(template.content, node, template.metadata.message_type) for node in cohort
-        ]
+        _, content = self.training_content(server_round, arrays, config, grid)
+        replies = yield [Message(content, node, MessageType.TRAIN) for node in cohort]
         global_vector, layout = flatten(arrays_of(arrays))
         total, unclipped, losses, counted = self._sum_clipped(replies, global_vector, layout)
 
@@ -141,10 +138,7 @@ class CentralDP(WrapsStrategy):
         if self.adaptive_clipping:
             self._adapt_clip_norm(server_round, unclipped)
 
-        noisy_model = unflatten(global_vector + noisy_mean, layout)
-        new_arrays, _ = self.strategy.aggregate_train(
-            server_round, [_one_reply(to_array_record(noisy_model), server_round)]
-        )
+        new_arrays = self.step_inner(server_round, unflatten(global_vector + noisy_mean, layout), 1)
         metrics = MetricRecord({"dp-clip-norm": clip_norm_used, COHORT_METRIC: counted})
         if losses:
             metrics[keys.TRAIN_LOSS] = float(np.mean(losses))
@@ -205,17 +199,9 @@ class CentralDP(WrapsStrategy):
 
     def state_dict(self) -> dict[str, Any]:
         """Return the release's state (accountant, clip norm) and the inner strategy's."""
-        inner = self.strategy.state_dict() if isinstance(self.strategy, Stateful) else None
-        return {"release": self.release.state_dict(), "inner": inner}
+        return {**super().state_dict(), "release": self.release.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        super().load_state_dict(state)
         self.release.load_state_dict(state["release"])
-        if state["inner"] is not None and isinstance(self.strategy, Stateful):
-            self.strategy.load_state_dict(state["inner"])
-
-
-def _one_reply(arrays: ArrayRecord, server_round: int) -> Message:
-    """Return the noisy mean as the one reply the inner strategy aggregates (weight 1)."""
-    content = RecordDict({keys.ARRAYS: arrays, keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 1})})
-    return Message(content, SERVER_NODE, "train", group_id=str(server_round))

@@ -14,21 +14,23 @@ buffers).
 """
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedsim import keys
-from fedsim.arrays import arrays_of
+from fedsim.arrays import arrays_of, to_array_record
+from fedsim.checkpoint import Stateful
 from fedsim.loop import RoundReport, TrainRound, run_rounds
-from fedsim.records import get_record
+from fedsim.records import get_record, records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.aggregation import (
     InvalidReplyError,
     WeightedMean,
+    metric_values,
     shapes_of,
     to_metric_record,
 )
@@ -114,6 +116,55 @@ class WrapsStrategy(RunsItsOwnRounds, Strategy):
     """
 
     strategy: Strategy
+
+    @property
+    def weight_key(self) -> str:
+        """The metric the inner strategy weights replies by (Flower's FedAvg family names it)."""
+        return str(getattr(self.strategy, "weighted_by_key", keys.NUM_EXAMPLES))
+
+    def training_content(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> tuple[list[Message], RecordDict]:
+        """Return the inner strategy's training messages and their shared content.
+
+        The content (model and config, the config stamped with the round) is the
+        same for the whole cohort, as FedAvg's is; the wrapper addresses it itself.
+        An inner cohort of none still gives the model and ``config``.
+        """
+        instructions = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        content = instructions[0].content if instructions else RecordDict({keys.ARRAYS: arrays})
+        round_config = records_of(content, ConfigRecord).get(keys.CONFIG, config)
+        round_config = ConfigRecord({**round_config, keys.SERVER_ROUND: server_round})
+        return instructions, RecordDict({**content, keys.CONFIG: round_config})
+
+    def step_inner(
+        self, server_round: int, model: dict[str, np.ndarray], weight: float
+    ) -> ArrayRecord | None:
+        """Hand ``model`` (the privately aggregated one) to the inner strategy as its only reply.
+
+        The inner strategy's mean of one reply is that model; its server step
+        (FedAvg's, FedAdam's) then applies as usual.
+        """
+        content = RecordDict(
+            {
+                keys.ARRAYS: to_array_record(model),
+                keys.METRICS: MetricRecord({self.weight_key: weight}),
+            }
+        )
+        new_arrays, _ = self.strategy.aggregate_train(
+            server_round, [Message(content, SERVER_NODE, MessageType.TRAIN)]
+        )
+        return new_arrays
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the inner strategy's state (when it has one)."""
+        inner = self.strategy.state_dict() if isinstance(self.strategy, Stateful) else None
+        return {"inner": inner}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state["inner"] is not None and isinstance(self.strategy, Stateful):
+            self.strategy.load_state_dict(state["inner"])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -238,12 +289,7 @@ class GradientStrategy(RunsItsOwnRounds, FedAvg):
             except KeyError as exc:
                 skip_reply(reply, str(exc))
                 continue
-            metric_vals = {
-                name: np.asarray(value, dtype=np.float64)
-                for name, value in metric_record.items()
-                if name != self.weighted_by_key
-            }
-            yield reply, vectors, metric_vals
+            yield reply, vectors, metric_values(metric_record, exclude=self.weighted_by_key)
 
     def pick(self, server_round: int, node_ids: list[int], purpose: str = "pick") -> int:
         """Draw one node uniformly from ``node_ids`` with a generator seeded by the round."""

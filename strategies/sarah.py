@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from fedsim import keys
 from fedsim.arrays import to_array_record
 from fedsim.loop import TrainRound
+from fedsim.strategies.aggregation import shapes_of
 from fedsim.strategies.multi_exchange import GradientStrategy, Vector, shapes_and_vector, step
 
 EstimateRefresh = Generator[list[Message], Iterable[Message], tuple[MetricRecord | None, list[int]]]
@@ -82,9 +83,7 @@ class SARAH(GradientStrategy):
             self.exchange_config(config, batch_size=batch_size),
             **{keys.ARRAYS: arrays},
         )
-        means, metrics, counted = self.mean_of_replies(
-            replies, shapes_and_vector(arrays)[0], keys.ARRAYS
-        )
+        means, metrics, counted = self.mean_of_replies(replies, shapes_of(arrays), keys.ARRAYS)
         if counted:
             previous = self.estimate
             self.estimate = (

@@ -48,8 +48,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim import keys
-from fedsim.arrays import arrays_of, to_array_record
-from fedsim.checkpoint import Stateful
+from fedsim.arrays import arrays_of
 from fedsim.loop import TrainRound
 from fedsim.privacy.flat import flatten, unflatten
 from fedsim.privacy.secagg import wire
@@ -57,8 +56,7 @@ from fedsim.privacy.secagg.crypto import reconstruct
 from fedsim.privacy.secagg.masking import unmask
 from fedsim.privacy.secagg.quantization import FieldQuantizer, levels_for
 from fedsim.privacy.secagg.wire import read, read_list
-from fedsim.records import get_record, records_of
-from fedsim.seeding import SERVER_NODE
+from fedsim.records import get_record
 from fedsim.strategies.aggregation import InvalidReplyError
 from fedsim.strategies.fedavg import skip_reply
 from fedsim.strategies.multi_exchange import WrapsStrategy
@@ -104,8 +102,6 @@ class SecureAggregation(WrapsStrategy):
         self.strategy = strategy
         self.clip_range, self.max_weight = float(clip_range), max_weight
         self.threshold_fraction = threshold_fraction
-        # The weight the wrapped strategy averages by (Flower's FedAvg family names it).
-        self.weight_key: str = getattr(strategy, "weighted_by_key", keys.NUM_EXAMPLES)
 
     def threshold(self, cohort_size: int) -> int:
         """Return t: how many clients must answer each exchange (and Shamir's threshold)."""
@@ -115,13 +111,13 @@ class SecureAggregation(WrapsStrategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> TrainRound:
         """Run the four exchanges of one round; return the new global arrays, or None."""
-        instructions = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        instructions, content = self.training_content(server_round, arrays, config, grid)
         cohort = [message.metadata.dst_node_id for message in instructions]
         start, layout = flatten(arrays_of(arrays))
         outcome = yield from self.secure_sum(
             server_round,
             cohort,
-            round_content(instructions, config, server_round),
+            content,
             dim=layout.size,
             contribution={wire.WEIGHT_KEY: self.weight_key},
         )
@@ -132,9 +128,7 @@ class SecureAggregation(WrapsStrategy):
         except ValueError as exc:
             _failed(server_round, exc)
             return None, None
-        new_arrays, _ = self.strategy.aggregate_train(
-            server_round, [self._one_reply(unflatten(start + mean, layout), weight)]
-        )
+        new_arrays = self.step_inner(server_round, unflatten(start + mean, layout), weight)
         metrics = outcome.metrics()
         metrics[self.weight_key] = weight
         return new_arrays, metrics
@@ -150,7 +144,7 @@ class SecureAggregation(WrapsStrategy):
     ) -> Generator[list[Message], Iterable[Message], "SecureSum | None"]:
         """Run the four exchanges with ``cohort``; return the unmasked sum, or None if stopped.
 
-        ``train_content`` (model and config, see :func:`round_content`) goes with
+        ``train_content`` (model and config, see :meth:`training_content`) goes with
         the masked-input exchange, its config with every exchange; ``contribution``
         tells clients what to mask: their weighted update (``wire.WEIGHT_KEY``) or
         their update L2-clipped, with weight 1 (``wire.L2_CLIP``).
@@ -226,27 +220,6 @@ class SecureAggregation(WrapsStrategy):
         (message,) = self._send([node], wire.MASKED_INPUT, {**train_content, wire.RECORD: record})
         return message
 
-    def _one_reply(self, model: dict[str, np.ndarray], weight: int) -> Message:
-        """Return the securely aggregated model as the one reply the wrapped strategy averages."""
-        content = RecordDict(
-            {
-                keys.ARRAYS: to_array_record(model),
-                keys.METRICS: MetricRecord({self.weight_key: weight}),
-            }
-        )
-        return Message(content, SERVER_NODE, "train")
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the wrapped strategy's state: a round keeps nothing once it ends."""
-        return {
-            "inner": self.strategy.state_dict() if isinstance(self.strategy, Stateful) else None
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        if state["inner"] is not None and isinstance(self.strategy, Stateful):
-            self.strategy.load_state_dict(state["inner"])
-
 
 @dataclass(frozen=True)
 class SecureSum:
@@ -262,19 +235,6 @@ class SecureSum:
         return MetricRecord(
             {wire.SURVIVORS_METRIC: self.survivors, wire.DROPPED_METRIC: self.dropped}
         )
-
-
-def round_content(
-    instructions: list[Message], config: ConfigRecord, server_round: int
-) -> RecordDict:
-    """Return the wrapped strategy's training content, its config stamped with the round.
-
-    The content is the same for the whole cohort, as FedAvg's is.
-    """
-    train_content = instructions[0].content if instructions else RecordDict()
-    config = records_of(train_content, ConfigRecord).get(keys.CONFIG, config)
-    config = ConfigRecord({**config, keys.SERVER_ROUND: server_round})
-    return RecordDict({**train_content, keys.CONFIG: config})
 
 
 def _failed(server_round: int, exc: ValueError) -> None:

@@ -43,7 +43,7 @@ from fedsim.privacy.flat import flatten, unflatten
 from fedsim.privacy.secagg import wire
 from fedsim.strategies.gaussian_sum_release import COHORT_METRIC, GaussianSumRelease
 from fedsim.strategies.sampling import available_nodes
-from fedsim.strategies.secure_aggregation import SecureAggregation, round_content
+from fedsim.strategies.secure_aggregation import SecureAggregation
 
 
 class SecureCentralDP(SecureAggregation):
@@ -93,12 +93,12 @@ class SecureCentralDP(SecureAggregation):
         """Sample; securely sum the clipped updates; noise, divide by C̄, account; step."""
         node_ids = available_nodes(grid, 1)
         cohort = self.release.cohort(server_round, node_ids)
-        instructions = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        _, content = self.training_content(server_round, arrays, config, grid)
         start, layout = flatten(arrays_of(arrays))
         outcome = yield from self.secure_sum(
             server_round,
             cohort,
-            round_content(instructions, config, server_round),
+            content,
             dim=layout.size,
             contribution={wire.L2_CLIP: self.release.clip_norm},
         )
@@ -108,9 +108,7 @@ class SecureCentralDP(SecureAggregation):
         noisy_mean = self.release.release(
             total, server_round=server_round, population=len(node_ids)
         )
-        new_arrays, _ = self.strategy.aggregate_train(
-            server_round, [self._one_reply(unflatten(start + noisy_mean, layout), 1)]
-        )
+        new_arrays = self.step_inner(server_round, unflatten(start + noisy_mean, layout), 1)
         metrics = outcome.metrics()
         metrics[COHORT_METRIC] = contributions
         return new_arrays, metrics
