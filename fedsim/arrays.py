@@ -37,23 +37,37 @@ def decode(array: Array) -> np.ndarray:
 
 def encode(value: np.ndarray) -> Array:
     """Return ``Array(value)``: the same bytes as Flower's ``np.save`` path, faster."""
-    fortran_only = value.flags.f_contiguous and not value.flags.c_contiguous
-    if value.dtype.hasobject or fortran_only:
+    flags = value.flags
+    if value.dtype.hasobject or (flags.f_contiguous and not flags.c_contiguous):
         # np.save keeps Fortran order, and refuses object arrays: Flower's path decides.
         return Array(value)
-    if not value.flags.c_contiguous:
+    if not flags.c_contiguous:
         value = value.copy(order="C")  # not ascontiguousarray: it turns 0-d into 1-d
-    data = b"".join((_npy_header(value.dtype.str, value.shape), value.data))  # one copy
-    return Array(dtype=str(value.dtype), shape=tuple(value.shape), stype=_NUMPY_STYPE, data=data)
+    header, dtype_name = _layout(value.dtype, value.shape)
+    return _array(dtype_name, value.shape, b"".join((header, value.data)))  # one copy
+
+
+def _array(dtype: str, shape: tuple[int, ...], data: bytes) -> Array:
+    """Return ``Array(dtype=dtype, shape=shape, stype=..., data=data)``, built directly.
+
+    Flower's constructor sorts out its three overloads and type-checks every field
+    on each call, several microseconds per array and so a good part of encoding a
+    reply; the fields here are right by construction. The object holds exactly what
+    the constructor would leave (``test_arrays`` compares them, and their
+    serialization), so Flower treats both alike.
+    """
+    array = Array.__new__(Array)
+    vars(array).update(dtype=dtype, shape=shape, stype=_NUMPY_STYPE, data=data)
+    return array
 
 
 @lru_cache(maxsize=1024)
-def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
-    """Return the ``.npy`` header ``np.save`` writes for a C-ordered array."""
+def _layout(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str]:
+    """Return the ``.npy`` header ``np.save`` writes for a C-ordered array, and the dtype's name."""
     buffer = io.BytesIO()
-    header = {"descr": descr, "fortran_order": False, "shape": shape}
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(buffer, header)
-    return buffer.getvalue()
+    return buffer.getvalue(), str(dtype)
 
 
 def arrays_of(record: ArrayRecord) -> dict[str, np.ndarray]:

@@ -42,37 +42,23 @@ class WeightedMean:
 
         Returns the entries' shapes: the template's, or the first term's.
         """
-        if not (isinstance(weight, int | float) and np.isfinite(weight) and weight >= 0):
-            raise InvalidReplyError(f"weight must be a finite number >= 0, got {weight!r}")
-        shapes = self._shapes or {name: np.shape(v) for name, v in values.items()}
-        if set(values) != set(shapes):
-            missing, extra = sorted(set(shapes) - set(values)), sorted(set(values) - set(shapes))
-            raise InvalidReplyError(
-                f"entries differ from the model: missing {missing}, extra {extra}"
-            )
-        for name, value in values.items():
-            if np.shape(value) != tuple(shapes[name]):
-                raise InvalidReplyError(
-                    f"{name!r} has shape {np.shape(value)}, expected {tuple(shapes[name])}"
-                )
-            if not _all_finite(value):
-                raise InvalidReplyError(f"{name!r} contains NaN or infinity")
-        return shapes
+        return self._checked(_tensors(values), weight)
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
         """Add ``weight * values``; if invalid, raise and change nothing.
 
         A zero weight (a client without examples) is valid and contributes nothing.
         """
-        shapes = self.check(values, weight)
+        terms = _tensors(values)
+        shapes = self._checked(terms, weight)
         if weight == 0:
             return
         self._shapes = shapes
-        for name, value in values.items():
+        for name, term in terms.items():
             if name not in self._sums:
                 self._sums[name] = torch.zeros(shapes[name], dtype=torch.float64)
-                self._dtypes[name] = np.asarray(value).dtype
-            self._sums[name].add_(_tensor(value), alpha=weight)
+                self._dtypes[name] = np.asarray(values[name]).dtype
+            self._sums[name].add_(term, alpha=weight)
         self.total_weight += weight
         self.count += 1
 
@@ -85,32 +71,56 @@ class WeightedMean:
             for name, total in self._sums.items()
         }
 
+    def _checked(
+        self, terms: Mapping[str, torch.Tensor], weight: float
+    ) -> dict[str, tuple[int, ...]]:
+        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise InvalidReplyError(f"weight must be a finite number >= 0, got {weight!r}")
+        shapes = self._shapes or {name: tuple(term.shape) for name, term in terms.items()}
+        if terms.keys() != shapes.keys():
+            missing, extra = sorted(set(shapes) - set(terms)), sorted(set(terms) - set(shapes))
+            raise InvalidReplyError(
+                f"entries differ from the model: missing {missing}, extra {extra}"
+            )
+        for name, term in terms.items():
+            expected, shape = tuple(shapes[name]), tuple(term.shape)
+            if shape != expected:
+                raise InvalidReplyError(f"{name!r} has shape {shape}, expected {expected}")
+            if not _all_finite(term):
+                raise InvalidReplyError(f"{name!r} contains NaN or infinity")
+        return shapes
 
-def _tensor(value: np.ndarray) -> torch.Tensor:
-    """View ``value`` as a tensor without copying; it is only ever read.
+
+def _tensors(values: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """View each value as a tensor without copying; they are only ever read.
 
     Replies decode to read-only views of their payload bytes, for which
     ``torch.from_numpy`` warns that writing would be undefined; nothing writes.
+    A term is converted once, for both its checks and its sum: per entry, the
+    conversion and the warning filter cost more than a small layer's addition.
     """
-    array = np.asarray(value)
-    if array.dtype.kind not in "fiub":
-        array = array.astype(np.float64)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array)
+        return {name: torch.from_numpy(_numeric(value)) for name, value in values.items()}
 
 
-def _all_finite(value: np.ndarray) -> bool:
-    """Whether every entry is finite, without a boolean copy of the array.
+def _numeric(value: np.ndarray) -> np.ndarray:
+    """Return ``value`` as an array torch can view (non-numeric kinds as float64)."""
+    array = np.asarray(value)
+    return array if array.dtype.kind in "fiub" else array.astype(np.float64)
+
+
+def _all_finite(term: torch.Tensor) -> bool:
+    """Whether every entry is finite, without a boolean copy of the tensor.
 
     A sum is finite exactly when all entries are, unless finite entries overflow
     it; only then does the exact (slower) test decide. torch sums float32 in
     float32 (one pass, vectorized), which overflows sooner than a float64 sum but
     is twice as fast where it does not.
     """
-    if math.isfinite(float(_tensor(value).sum())):
+    if math.isfinite(float(term.sum())):
         return True
-    return bool(np.all(np.isfinite(value)))
+    return bool(torch.isfinite(term).all())
 
 
 def shapes_of(record: ArrayRecord) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array
+from flwr.app import Array, ArrayRecord
 
 from fedsim.arrays import decode, encode
 
@@ -19,14 +19,19 @@ IDS = ["float32", "scalar", "empty", "fortran", "strided", "big-endian", "bool"]
 
 
 @pytest.mark.parametrize("value", LAYOUTS, ids=IDS)
-def test_encode_writes_the_bytes_flower_writes(value: np.ndarray) -> None:
+def test_encode_builds_the_array_flower_builds(value: np.ndarray) -> None:
     ours, flowers = encode(value), Array(value)
     assert ours.data == flowers.data
-    assert (ours.dtype, tuple(ours.shape), ours.stype) == (
-        flowers.dtype,
-        tuple(flowers.shape),
-        flowers.stype,
-    )
+    assert (ours.dtype, ours.shape, ours.stype) == (flowers.dtype, flowers.shape, flowers.stype)
+    # Built without Flower's constructor, it must still be the same object to Flower:
+    # equal, equally dirty, with the same content address and serialization.
+    assert ours == flowers and type(ours) is Array
+    assert ours.is_dirty and flowers.is_dirty
+    assert ours.object_id == flowers.object_id
+    assert ours.deflate() == flowers.deflate()
+    record = ArrayRecord()
+    record["x"] = ours
+    assert record.object_id == ArrayRecord({"x": flowers}).object_id
 
 
 @pytest.mark.parametrize("value", LAYOUTS, ids=IDS)

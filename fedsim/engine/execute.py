@@ -5,7 +5,7 @@ import traceback
 from copy import copy
 from itertools import count
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -25,21 +25,14 @@ def isolated_content(content: RecordDict) -> RecordDict:
 
     Strategies send one RecordDict to the whole cohort. Over the network every
     client gets its own copy; in one process they would share it, so one client
-    that pops an entry would corrupt its peers. A shallow copy of each record is
-    enough because ``Array`` payloads are immutable ``bytes``.
+    that pops an entry would corrupt its peers. A shallow copy of each record
+    (Flower's ``copy()``, which skips re-checking every entry) is enough because
+    ``Array`` payloads are immutable ``bytes``; keeping the very ``Array`` objects
+    also lets clients recognise the cohort's shared model by its payloads.
     """
     copy = RecordDict()
     for name, record in content.items():
-        if isinstance(record, ArrayRecord):
-            # Not ArrayRecord(dict(record)): that rebuilds every Array, and clients
-            # recognise the cohort's shared model by its payloads.
-            arrays = copy[name] = ArrayRecord()
-            for key, array in record.items():
-                arrays[key] = array
-        elif isinstance(record, ConfigRecord):
-            copy[name] = ConfigRecord(dict(record))
-        elif isinstance(record, MetricRecord):
-            copy[name] = MetricRecord(dict(record))
+        copy[name] = record.copy()
     return copy
 
 
