@@ -64,7 +64,10 @@ def _app() -> ClientApp:
         calls = context.state.setdefault("calls", MetricRecord({"n": 0}))
         calls["n"] = calls["n"] + 1
         arrays = ArrayRecord([a.numpy() + partition for a in message.content["arrays"].values()])
-        metrics = MetricRecord({"num-examples": 1, "calls": calls["n"]})
+        shared = next(iter(message.content["arrays"].values()))
+        metrics = MetricRecord(
+            {"num-examples": 1, "calls": calls["n"], "pid": os.getpid(), "shared": id(shared)}
+        )
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
 
     return app
@@ -116,6 +119,19 @@ def test_shared_content_goes_to_the_object_store_once(
     monkeypatch.setattr(ray, "put", lambda value: puts.append(1) or real_put(value))
     replies = list(grid.send_and_receive(_messages(grid, [0, 1, 2, 4, 6, 7])))
     assert len(replies) == 6 and len(puts) == 1
+
+
+@pytest.mark.slow
+def test_an_actor_deserializes_the_shared_content_once_per_exchange(grid: RayGrid) -> None:
+    # Clients on one actor receive the very same Array objects (each in its own copy
+    # of the records), which is what lets a client reuse the model it decoded.
+    seen: dict[int, set[int]] = {}
+    for exchange in range(2):
+        for r in grid.send_and_receive(_messages(grid, [0, 1, 2, 4, 6, 7])):
+            metrics = r.content["metrics"]
+            seen.setdefault((exchange, metrics["pid"]), set()).add(metrics["shared"])
+    assert all(len(ids) == 1 for ids in seen.values())
+    assert len({pid for _, pid in seen}) == 2  # both actors took part
 
 
 @pytest.mark.slow
