@@ -142,6 +142,7 @@ class EngineConfig:
     )
     num_actors: int = _at_least(0, 0)
     address: str = ""
+    pin_malloc: bool = True
 
     @property
     def ray_address(self) -> str | None:

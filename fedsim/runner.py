@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from fedsim.allocator import pin_malloc_thresholds
 from fedsim.clients import make_client_app
 from fedsim.config import RunConfig, flatten
 from fedsim.engine import InlineGrid
@@ -11,8 +12,11 @@ from fedsim.experiment import build_task, client_mods, run_on_grid
 def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` to the end and return its summary (also in ``runs/<name>/``).
 
-    ``resume`` continues the run from its last checkpoint.
+    ``resume`` continues the run from its last checkpoint. Unless the config says
+    otherwise, glibc's malloc thresholds are fixed first (``fedsim.allocator``).
     """
+    if config.engine.pin_malloc:
+        pin_malloc_thresholds()
     if config.engine.name == "flower":
         return _run_on_flower_simulation(config, resume=resume)
     if config.engine.name == "ray":

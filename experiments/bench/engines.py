@@ -99,6 +99,7 @@ from experiments.bench.systems import (  # noqa: E402
 )
 from experiments.bench.systems_pfl import run_pfl  # noqa: E402
 from experiments.bench.workload import ROUNDS, SCALE_CASES, SEED, WORKLOADS  # noqa: E402
+from fedsim.allocator import TUNABLES  # noqa: E402
 
 SYSTEMS = ("floor", "inline", "ray", "flower", "pfl")
 LABELS = {
@@ -118,10 +119,10 @@ RUNNERS: dict[str, Callable[..., Timing]] = {
 # glibc's default malloc adapts its mmap threshold to what a process has freed so far, so
 # whether torch's activation buffers are mmap'ed and faulted in afresh at every step depends
 # on the process's allocation history. Page faults cost 1-10 us on a VM: the floor ran 25-30%
-# slower in some runs than in others, more than the overheads measured. A fixed threshold
-# (and no trimming) takes the allocator out of the comparison; --system-malloc puts it back.
-PINNED_MALLOC = {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=33554432:"
-                 "glibc.malloc.trim_threshold=268435456"}  # fmt: skip
+# slower in some runs than in others, more than the overheads measured. Fixed thresholds
+# (fedsim.allocator's, which `fedsim run` sets for itself) take the allocator out of the
+# comparison; --system-malloc puts it back.
+PINNED_MALLOC = {"GLIBC_TUNABLES": TUNABLES}
 
 
 # --------------------------------------------------------------------------- the runs
