@@ -9,13 +9,15 @@
 
 Systems, all running workload W1 (``workload.py``):
 
-========  ==================================================================================
-floor     W1 as the plainest FedAvg loop in PyTorch, one process, no Flower
-inline    fedsim's ``InlineGrid`` and seeded streaming ``FedAvg``, driven by ``run_rounds``
-ray       fedsim's ``RayGrid``: 2 actors of 1 CPU each
-flower    Flower's ``run_simulation`` (Ray backend, 1 CPU per client: 2 actors), Flower's FedAvg
-pfl       Apple's pfl 0.6 (``SimulatedBackend``, in process); the ``bench`` extra
-========  ==================================================================================
+============  ==============================================================================
+floor         W1 as the plainest FedAvg loop in PyTorch, one process, no Flower
+floor-malloc  the floor with glibc's default (adaptive) malloc thresholds; every other system
+              runs with them pinned (see PINNED_MALLOC), as ``fedsim run`` pins its own
+inline        fedsim's ``InlineGrid`` and seeded streaming ``FedAvg``, driven by ``run_rounds``
+ray           fedsim's ``RayGrid``: 2 actors of 1 CPU each
+flower        Flower's ``run_simulation`` (Ray backend, 1 CPU per client: 2 actors)
+pfl           Apple's pfl 0.6 (``SimulatedBackend``, in process); the ``bench`` extra
+============  ==============================================================================
 
 floor, inline, ray and pfl train the same cohorts on the same batches (fedsim's seeding), so
 they must end on the same weights: the "max |w - floor|" column checks it on every run.
@@ -101,9 +103,10 @@ from experiments.bench.systems_pfl import run_pfl  # noqa: E402
 from experiments.bench.workload import ROUNDS, SCALE_CASES, SEED, WORKLOADS  # noqa: E402
 from fedsim.allocator import TUNABLES  # noqa: E402
 
-SYSTEMS = ("floor", "inline", "ray", "flower", "pfl")
+SYSTEMS = ("floor", "floor-malloc", "inline", "ray", "flower", "pfl")
 LABELS = {
     "floor": "floor (PyTorch loop)",
+    "floor-malloc": "floor, glibc's default malloc",
     "inline": "fedsim inline",
     "ray": "fedsim ray (2 actors)",
     "flower": "flower run_simulation",
@@ -111,6 +114,7 @@ LABELS = {
 }
 RUNNERS: dict[str, Callable[..., Timing]] = {
     "floor": run_floor,
+    "floor-malloc": run_floor,
     "inline": run_inline,
     "ray": run_ray,
     "flower": run_flower,
@@ -123,6 +127,9 @@ RUNNERS: dict[str, Callable[..., Timing]] = {
 # (fedsim.allocator's, which `fedsim run` sets for itself) take the allocator out of the
 # comparison; --system-malloc puts it back.
 PINNED_MALLOC = {"GLIBC_TUNABLES": TUNABLES}
+# The floor once more with glibc's own (adaptive) thresholds, whatever the others run with:
+# what the pinning is worth, measured side by side (fedsim run pins by default).
+SYSTEM_ENV = {"floor-malloc": {"GLIBC_TUNABLES": ""}}
 
 
 # --------------------------------------------------------------------------- the runs
@@ -169,7 +176,7 @@ def run_systems(
                 run = spawn(
                     ["--run", system, "--workload", name, "--rounds", str(rounds)]
                     + ["--seed", str(seed), "--save-state", str(state)],
-                    env_extra=env,
+                    env_extra={**env, **SYSTEM_ENV.get(system, {})},
                 )
                 if run.result is None:
                     skipped.add(system)
@@ -248,7 +255,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--rounds", type=int, default=ROUNDS)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per system (median shown)")
+    parser.add_argument("--repeat", type=int, default=5, help="runs per system (median shown)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--json", type=Path, help="also write the table's rows here")
     parser.add_argument(
