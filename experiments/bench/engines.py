@@ -26,11 +26,12 @@ Flower's FedAvg samples its own cohorts.
 Every run is its own interpreter (this file re-invoked with ``--run``), so imports, Ray and
 torch threads never leak between systems; the parent samples the resident memory of the
 child's whole process tree every 50 ms. Each system runs ``--repeat`` times, interleaved with
-the others; the table shows medians over the runs, and each ratio to the floor is the median of
-the ratios to the floor's run of the same repetition (same machine conditions, so drift on a
-shared machine cancels). "steady min-max s" shows how much the runs varied. Children run with
-glibc's malloc thresholds pinned (``PINNED_MALLOC``; ``--system-malloc`` to not), so that page
-faults from allocator history do not decide the comparison.
+the others, every other repetition in reverse order (``RUN_ORDER``: the in-process systems
+right beside the floor); the table shows medians over the runs, and each ratio to the floor is
+the median of the ratios to the floor's run of the same repetition (close in time, so the
+machine's drift largely cancels). "steady min-max s" shows how much the runs varied. Children
+run with glibc's malloc thresholds pinned (``PINNED_MALLOC``; ``--system-malloc`` to not), so
+that page faults from allocator history do not decide the comparison.
 
 Columns
 -------
@@ -66,7 +67,6 @@ attrs 26 (tests/test_bench.py checks it trains what the floor does); install it 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import statistics
@@ -103,7 +103,8 @@ from experiments.bench.systems_pfl import run_pfl  # noqa: E402
 from experiments.bench.workload import ROUNDS, SCALE_CASES, SEED, WORKLOADS  # noqa: E402
 from fedsim.allocator import TUNABLES  # noqa: E402
 
-SYSTEMS = ("floor", "floor-malloc", "inline", "ray", "flower", "pfl")
+SYSTEMS = ("floor", "floor-malloc", "inline", "ray", "flower", "pfl")  # the table's order
+RUN_ORDER = ("floor", "inline", "pfl", "floor-malloc", "ray", "flower")  # in-process ones first
 LABELS = {
     "floor": "floor (PyTorch loop)",
     "floor-malloc": "floor, glibc's default malloc",
@@ -161,41 +162,68 @@ def run_systems(
     repeat: int,
     env: dict[str, str],
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Run each system ``repeat`` times per workload, interleaved; return rows and notes."""
+    """Run each system ``repeat`` times per workload, interleaved; return rows and notes.
+
+    A repetition runs the in-process systems first, next to the floor, and every
+    other repetition runs them in reverse order: the machine's speed drifts over
+    tens of seconds, and a floor run right beside each system's run (on either
+    side, alternately) pairs them under the same conditions.
+    """
     rows, notes = [], []
+    order = [s for s in RUN_ORDER if s in systems]
     with tempfile.TemporaryDirectory() as states:
         for name in workloads:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
-            skipped: set[str] = set()
-            for attempt, system in itertools.product(range(repeat), systems):
-                if system in skipped:
-                    continue
-                label = f"[bench] {name} run {attempt + 1}/{repeat}: {LABELS[system]} ..."
-                print(label, end="", flush=True)
-                state = Path(states) / f"{system}-{name}-{attempt}.pt"
-                run = spawn(
-                    ["--run", system, "--workload", name, "--rounds", str(rounds)]
-                    + ["--seed", str(seed), "--save-state", str(state)],
-                    env_extra={**env, **SYSTEM_ENV.get(system, {})},
-                )
-                if run.result is None:
-                    skipped.add(system)
-                    why = f"skipped ({run.skipped})" if run.skipped else f"FAILED: {run.error}"
-                    notes.append(f"{system} on {name}: {why}")
-                    print(f" {why}", flush=True)
-                    continue
-                floor_state = Path(states) / f"floor-{name}-{attempt}.pt"
-                run.result["max_abs_diff_to_floor"] = _weight_gap(system, state, floor_state)
-                run.result["peak_rss_mb"] = run.peak_rss_mb
-                run.result["attempt"] = attempt
-                runs[system].append(run.result)
-                print(
-                    f" total {run.result['total_s']:.2f} s, steady round "
-                    f"{run.result['steady_round_s']:.3f} s, peak RSS {run.peak_rss_mb:.0f} MB",
-                    flush=True,
-                )
+            for attempt in range(repeat):
+                for system in order if attempt % 2 == 0 else order[::-1]:
+                    if any(note.startswith(f"{system} on {name}:") for note in notes):
+                        continue  # skipped or failed before: do not try again
+                    state = Path(states) / f"{system}-{attempt}.pt"
+                    result = _run_once(
+                        system, name, attempt, state, rounds=rounds, seed=seed, env=env
+                    )
+                    if isinstance(result, str):
+                        notes.append(f"{system} on {name}: {result}")
+                    else:
+                        runs[system].append(result)
+            for system, results in runs.items():
+                for result in results:
+                    floor_state = Path(states) / f"floor-{result['attempt']}.pt"
+                    result["max_abs_diff_to_floor"] = _weight_gap(
+                        system, Path(states) / f"{system}-{result['attempt']}.pt", floor_state
+                    )
             rows += _rows(name, runs)
     return rows, notes
+
+
+def _run_once(
+    system: str,
+    name: str,
+    attempt: int,
+    state: Path,
+    *,
+    rounds: int,
+    seed: int,
+    env: dict[str, str],
+) -> dict[str, Any] | str:
+    """Run one system once in a child; return its result, or why there is none."""
+    print(f"[bench] {name} run {attempt + 1}: {LABELS[system]} ...", end="", flush=True)
+    run = spawn(
+        ["--run", system, "--workload", name, "--rounds", str(rounds), "--seed", str(seed)]
+        + ["--save-state", str(state)],
+        env_extra={**env, **SYSTEM_ENV.get(system, {})},
+    )
+    if run.result is None:
+        why = f"skipped ({run.skipped})" if run.skipped else f"FAILED: {run.error}"
+        print(f" {why}", flush=True)
+        return why
+    run.result.update(peak_rss_mb=run.peak_rss_mb, attempt=attempt)
+    print(
+        f" total {run.result['total_s']:.2f} s, steady round "
+        f"{run.result['steady_round_s']:.3f} s, peak RSS {run.peak_rss_mb:.0f} MB",
+        flush=True,
+    )
+    return run.result
 
 
 def _weight_gap(system: str, state: Path, floor_state: Path) -> float | None:
