@@ -56,7 +56,9 @@ def test_the_floor_samples_the_cohort_fedsims_fedavg_samples() -> None:
     grid = InlineGrid(systems.threads_reporting_app(systems.w1_task()), num_nodes=1000)
     strategy = FedAvg(seed=7, fraction_train=0.1, min_train_nodes=100, fraction_evaluate=0.0)
     for round_ in (1, 2, 5):
-        messages = strategy.configure_train(round_, ArrayRecord(), systems.train_config(7), grid)
+        messages = strategy.configure_train(
+            round_, ArrayRecord(), systems.train_config(7, workload), grid
+        )
         sampled = [m.metadata.dst_node_id - FIRST_NODE_ID for m in messages]
         assert cohort(workload, seed=7, round_=round_) == sampled
 

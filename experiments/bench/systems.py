@@ -103,14 +103,19 @@ def w1_task() -> TorchTask:
     )
 
 
-def train_config(seed: int) -> ConfigRecord:
+def train_config(seed: int, workload: Workload) -> ConfigRecord:
     """Return what the server sends each round, as ``fedsim.experiment.train_config`` does."""
     from flwr.app import ConfigRecord
 
     from fedsim import keys
 
     return ConfigRecord(
-        {keys.SEED: seed, keys.LR: LR, keys.LOCAL_EPOCHS: LOCAL_EPOCHS, keys.BATCH_SIZE: BATCH_SIZE}
+        {
+            keys.SEED: seed,
+            keys.LR: LR,
+            keys.LOCAL_EPOCHS: workload.local_epochs,
+            keys.BATCH_SIZE: BATCH_SIZE,
+        }
     )
 
 
@@ -176,7 +181,7 @@ def fedsim_rounds(
         grid=grid,
         initial_arrays=ArrayRecord(initial),
         num_rounds=rounds,
-        train_config=train_config(seed),
+        train_config=train_config(seed, workload),
         observers=[marker],
     )
     timing.final_state = arrays.to_torch_state_dict()
@@ -267,7 +272,7 @@ def run_flower(workload: Workload, *, rounds: int, seed: int) -> Timing:
             grid=grid,
             initial_arrays=ArrayRecord(initial_state(seed)),
             num_rounds=rounds,
-            train_config=train_config(seed),
+            train_config=train_config(seed, workload),
             evaluate_fn=lambda _round, _arrays: timing.mark(),
         )
         timing.final_state = result.arrays.to_torch_state_dict()

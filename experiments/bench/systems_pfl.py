@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from experiments.bench.systems import SystemUnavailable, Timing, _default_threads
 from experiments.bench.workload import (
     BATCH_SIZE,
-    LOCAL_EPOCHS,
     LR,
     Workload,
     client_tensors,
@@ -95,7 +94,9 @@ def run_pfl(workload: Workload, *, rounds: int, seed: int) -> Timing:
         backend=SimulatedBackend(users, users, postprocessors=[WeightByDatapoints()]),
         model=model,
         model_train_params=NNTrainHyperParams(
-            local_num_epochs=LOCAL_EPOCHS, local_learning_rate=LR, local_batch_size=BATCH_SIZE
+            local_num_epochs=workload.local_epochs,
+            local_learning_rate=LR,
+            local_batch_size=BATCH_SIZE,
         ),
         callbacks=[marker],
     )

@@ -44,6 +44,7 @@ class Workload:
     name: str
     num_clients: int
     clients_per_round: int
+    local_epochs: int = LOCAL_EPOCHS
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients_per_round <= self.num_clients:
@@ -55,6 +56,9 @@ class Workload:
 WORKLOADS = {
     "W1a": Workload("W1a", num_clients=100, clients_per_round=20),
     "W1b": Workload("W1b", num_clients=1000, clients_per_round=100),
+    # W1b with no local training: clients load data and the model and reply; what is
+    # left of a round is each system's own per-client work.
+    "W1b-0": Workload("W1b-0", num_clients=1000, clients_per_round=100, local_epochs=0),
 }
 
 
@@ -125,7 +129,7 @@ def reference_fedavg(
             model.load_state_dict(state)
             optimizer = torch.optim.SGD(model.parameters(), lr=LR)
             shuffle = shuffle_generator(seed=seed, round_=round_, client=client)
-            for _ in range(LOCAL_EPOCHS):
+            for _ in range(workload.local_epochs):
                 for index in torch.randperm(len(labels), generator=shuffle).split(BATCH_SIZE):
                     optimizer.zero_grad()
                     loss_fn(model(inputs[index]), labels[index]).backward()
