@@ -13,7 +13,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedsim.engine.ray_grid import RayGrid, RayResources, pool_size, threads_for
+from fedsim.engine.ray_grid import (
+    BATCH_BYTES,
+    RayGrid,
+    RayResources,
+    batch_size,
+    pool_size,
+    threads_for,
+)
 from tests.conftest import run_cli
 
 
@@ -43,6 +50,17 @@ def test_threads_follow_the_cpu_share_and_resources_are_validated() -> None:
         RayResources(num_cpus=0)
     with pytest.raises(ValueError, match="num_actors"):
         RayResources(num_actors=0)
+
+
+def test_batches_shrink_as_the_queue_empties_and_respect_the_memory_cap() -> None:
+    sizes, queued = [], 100
+    while queued:
+        sizes.append(batch_size(queued, num_actors=2, payload_bytes=424_000))
+        queued -= sizes[-1]
+    assert sizes[0] == 25 and sizes[-3:] == [1, 1, 1] and sizes == sorted(sizes, reverse=True)
+    assert len(sizes) < 25  # a few tasks per actor, not one per message
+    assert batch_size(1000, num_actors=2, payload_bytes=BATCH_BYTES // 4) == 4
+    assert batch_size(1000, num_actors=2, payload_bytes=2 * BATCH_BYTES) == 1
 
 
 def _app() -> ClientApp:
@@ -151,6 +169,19 @@ def test_a_timeout_and_a_dead_worker_leave_a_working_pool(grid: RayGrid) -> None
     assert crashed[0].has_error() and "actor died" in crashed[0].error.reason
     after = list(grid.send_and_receive(_messages(grid, [6, 7])))
     assert all(not r.has_error() for r in after) and grid.num_actors == 2
+
+
+@pytest.mark.slow
+def test_a_crash_inside_a_batch_costs_only_the_crashing_client(grid: RayGrid) -> None:
+    # 8 messages on 2 actors go out in batches of 2, 2, 1, ...: node 5 shares its batch,
+    # whose other message runs again alone on the replacement actor and succeeds.
+    nodes = [0, 5, 1, 2, 4, 6, 7, 0]
+    replies = list(grid.send_and_receive(_messages(grid, nodes[:-1], crash=1.0)))
+    outcome = {grid.nodes.partition_id(r.metadata.src_node_id): r for r in replies}
+    assert sorted(outcome) == sorted(nodes[:-1])
+    assert outcome[5].has_error() and "actor died" in outcome[5].error.reason
+    assert all(not r.has_error() for p, r in outcome.items() if p != 5)
+    assert grid.num_actors == 2
 
 
 @pytest.mark.slow

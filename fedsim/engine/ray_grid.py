@@ -3,10 +3,13 @@
 The pool is sized from per-client resources (``num_cpus``, fractional
 ``num_gpus``) and the cluster's capacity, on this machine or on an existing Ray
 cluster (``address``). Each exchange puts a cohort's shared content (the global
-model) into the object store once, not once per client; replies stream back in
-completion order into the strategy's streaming aggregation. Node contexts stay on
-the driver and travel with each message, so a node's ``Context.state`` survives
-across rounds whichever actor runs it next.
+model) into the object store once, not once per client, and each actor
+deserializes it once. Messages travel in batches that shrink as the exchange
+empties, so Ray's per-task cost is paid a few times per actor instead of once per
+client; replies stream back batch by batch, in completion order, into the
+strategy's streaming aggregation. Node contexts stay on the driver and travel with
+each message, so a node's ``Context.state`` survives across rounds whichever actor
+runs it next.
 """
 
 import logging
@@ -21,12 +24,13 @@ from typing import Any
 
 import ray
 import torch
-from flwr.app import Context, Message, RecordDict, UserConfig
+from flwr.app import ArrayRecord, Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
 from fedsim.engine.simulated import SimulatedGrid
+from fedsim.records import records_of
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,33 @@ def threads_for(num_cpus: float) -> int:
     return max(1, int(num_cpus))
 
 
+#: What one batch's replies may take in memory, on the actor and on the driver; replies
+#: are taken to be as large as the content the messages carry (a model out, a model back).
+BATCH_BYTES = 32 * 2**20
+
+
+def batch_size(queued: int, num_actors: int, payload_bytes: int) -> int:
+    """Return how many queued messages the next task takes (guided self-scheduling).
+
+    A task costs Ray a few milliseconds whatever it carries, as much as a small
+    model's client; so a task takes a share of what is queued, ``queued / (2 *
+    num_actors)``, large while much is left and down to one message at the end,
+    where a long last task would leave the other actors idle. ``BATCH_BYTES``
+    caps a batch by its replies' memory: a large model goes one message a task.
+    """
+    share = math.ceil(queued / (2 * num_actors))
+    return max(1, min(share, BATCH_BYTES // max(payload_bytes, 1)))
+
+
+def _payload_bytes(content: RecordDict) -> int:
+    """Return the bytes of every array ``content`` carries."""
+    return sum(
+        len(array.data)
+        for record in records_of(content, ArrayRecord).values()
+        for array in record.values()
+    )
+
+
 class _NodeActor:
     """A Ray actor that runs messages on its own copy of the ClientApp."""
 
@@ -103,20 +134,25 @@ class _NodeActor:
         return True
 
     def run(
-        self, metadata: Any, content: list[ray.ObjectRef], context: Context
-    ) -> tuple[Message, RecordDict, float]:
-        """Run one message; return the reply, the node's new state and compute seconds.
+        self, content: list[ray.ObjectRef], jobs: list[tuple[Any, Context]]
+    ) -> list[tuple[Message, RecordDict, float]]:
+        """Run a batch of messages that share ``content``, one after the other.
 
         ``content`` is the exchange's shared content as a one-element list, so that
         Ray hands over the reference instead of a freshly deserialized copy per task.
+        Each job is a message's metadata and its node's context; each result is the
+        reply, the node's new state and the client's compute seconds.
         """
-        # Flower's internal constructor path: the instruction keeps its ids, so the
-        # reply points back at it on the driver.
         shared = self._shared(content[0])
-        message = Message(content=shared, metadata=metadata)  # type: ignore[call-overload]
-        start = time.perf_counter()
-        reply = run_client_app(self._client_app, message, context)
-        return reply, context.state, time.perf_counter() - start
+        results = []
+        for metadata, context in jobs:
+            # Flower's internal constructor path: the instruction keeps its ids, so the
+            # reply points back at it on the driver.
+            message = Message(content=shared, metadata=metadata)  # type: ignore[call-overload]
+            start = time.perf_counter()
+            reply = run_client_app(self._client_app, message, context)
+            results.append((reply, context.state, time.perf_counter() - start))
+        return results
 
     def _shared(self, ref: ray.ObjectRef) -> RecordDict:
         """Return the content behind ``ref``, deserialized once per exchange.
@@ -202,56 +238,83 @@ class RayGrid(SimulatedGrid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
-        """Run the messages on the pool; yield replies as they finish.
+        """Run the messages on the pool; yield replies as their batches finish.
 
+        Messages go out in batches that shrink as the queue empties (see
+        :func:`batch_size`), so Ray's per-task cost is paid a few times per actor
+        and exchange instead of once per message, while the last tasks stay short.
         When ``timeout`` expires, unfinished messages get ``NODE_UNAVAILABLE``
         error replies and the actors still busy with them are replaced, so the
-        next exchange starts on an idle pool. A crashed actor's message gets a
-        ``CLIENT_APP_CRASHED`` reply and the actor is replaced.
+        next exchange starts on an idle pool. When an actor dies, the messages of
+        its batch run again one per task on the replacement; the one that kills
+        it alone gets a ``CLIENT_APP_CRASHED`` reply.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.compute_seconds = {}
         queue = deque(messages)
-        content_refs: dict[int, ray.ObjectRef] = {}  # one object-store copy per shared content
+        alone: set[int] = set()  # ids of messages that must run in a task of their own
+        content_refs: dict[int, tuple[ray.ObjectRef, int]] = {}  # one store copy each
         idle = list(self._actors)
-        in_flight: dict[ray.ObjectRef, tuple[Message, Any]] = {}
-        while queue or in_flight:
+        in_flight: dict[ray.ObjectRef, tuple[list[Message], Any]] = {}
+
+        def dispatch() -> None:
             while queue and idle:
-                message, actor = queue.popleft(), idle.pop()
-                assign_message_id(message)
-                ref = content_refs.get(id(message.content))
-                if ref is None:
-                    ref = content_refs[id(message.content)] = ray.put(message.content)
-                context = self.nodes.context(message.metadata.dst_node_id)
-                task = actor.run.remote(copy(message.metadata), [ref], context)
-                in_flight[task] = (message, actor)
+                content = queue[0].content
+                if id(content) not in content_refs:
+                    content_refs[id(content)] = (ray.put(content), _payload_bytes(content))
+                ref, payload = content_refs[id(content)]
+                size = batch_size(len(queue), len(self._actors), payload)
+                batch = [queue.popleft()]
+                while (
+                    queue
+                    and len(batch) < size
+                    and id(batch[0]) not in alone
+                    and queue[0].content is content
+                    and id(queue[0]) not in alone
+                ):
+                    batch.append(queue.popleft())
+                jobs = []
+                for message in batch:
+                    assign_message_id(message)
+                    jobs.append(
+                        (copy(message.metadata), self.nodes.context(message.metadata.dst_node_id))
+                    )
+                actor = idle.pop()
+                in_flight[actor.run.remote([ref], jobs)] = (batch, actor)
+
+        while queue or in_flight:
+            dispatch()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=remaining)
             if not done:
                 yield from self._expire(in_flight, queue)
                 return
-            message, actor = in_flight.pop(done[0])
-            yield self._collect(done[0], message, actor, idle)
-
-    def _collect(self, task: Any, message: Message, actor: Any, idle: list[Any]) -> Message:
-        """Turn a finished task into a reply, keeping the node's new state."""
-        try:
-            reply, state, seconds = ray.get(task)
-        except ray.exceptions.RayActorError as exc:
-            self._replace(actor)
-            idle.append(self._actors[-1])
-            return error_reply(message, ErrorCode.CLIENT_APP_CRASHED, f"actor died: {exc}")
-        idle.append(actor)
-        self.nodes.context(message.metadata.dst_node_id).state = state
-        self.compute_seconds[message.metadata.message_id] = seconds
-        return reply
+            batch, actor = in_flight.pop(done[0])
+            try:
+                results = ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:
+                self._replace(actor)
+                idle.append(self._actors[-1])
+                if len(batch) == 1:
+                    yield error_reply(batch[0], ErrorCode.CLIENT_APP_CRASHED, f"actor died: {exc}")
+                else:
+                    alone.update(id(message) for message in batch)
+                    queue.extendleft(reversed(batch))
+                continue
+            idle.append(actor)
+            dispatch()  # the actor starts its next batch while these replies are aggregated
+            for message, (reply, state, seconds) in zip(batch, results, strict=True):
+                self.nodes.context(message.metadata.dst_node_id).state = state
+                self.compute_seconds[message.metadata.message_id] = seconds
+                yield reply
 
     def _expire(
-        self, in_flight: dict[Any, tuple[Message, Any]], queue: deque[Message]
+        self, in_flight: dict[Any, tuple[list[Message], Any]], queue: deque[Message]
     ) -> Iterator[Message]:
-        for message, actor in in_flight.values():
+        for batch, actor in in_flight.values():
             self._replace(actor)
-            yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
+            for message in batch:
+                yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
         for message in queue:
             assign_message_id(message)
             yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
