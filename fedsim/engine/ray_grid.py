@@ -243,9 +243,10 @@ class RayGrid(SimulatedGrid):
         Messages go out in batches that shrink as the queue empties (see
         :func:`batch_size`), so Ray's per-task cost is paid a few times per actor
         and exchange instead of once per message, while the last tasks stay short.
-        When ``timeout`` expires, unfinished messages get ``NODE_UNAVAILABLE``
-        error replies and the actors still busy with them are replaced, so the
-        next exchange starts on an idle pool. When an actor dies, the messages of
+        When ``timeout`` expires, the messages of unfinished batches (a batch's
+        replies come back together) get ``NODE_UNAVAILABLE`` error replies and the
+        actors still busy with them are replaced, so the next exchange starts on an
+        idle pool. When an actor dies, the messages of
         its batch run again one per task on the replacement; the one that kills
         it alone gets a ``CLIENT_APP_CRASHED`` reply.
         """
