@@ -213,7 +213,7 @@ def _remember_point(context: Context, message: Message) -> None:
 
 
 def _to_record(point: Point) -> ArrayRecord:
-    return to_array_record({name: value.detach().cpu().numpy() for name, value in point.items()})
+    return to_array_record({name: value.numpy(force=True) for name, value in point.items()})
 
 
 def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:

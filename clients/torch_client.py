@@ -178,7 +178,7 @@ class TorchClient:
         content = RecordDict(
             {
                 keys.ARRAYS: to_array_record(
-                    {k: t.detach().cpu().numpy() for k, t in self.trained_state().items()}
+                    {k: t.numpy(force=True) for k, t in self.trained_state().items()}
                 ),
                 keys.METRICS: MetricRecord(
                     {

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from fedsim.arrays import decode, encode
+from fedsim.arrays import decode, encode, to_array_record
 
 LAYOUTS = [
     np.arange(12, dtype=np.float32).reshape(3, 4),
@@ -40,3 +40,15 @@ def test_decode_reads_what_flower_reads(value: np.ndarray) -> None:
     fast, reference = decode(array), array.numpy()
     assert fast.dtype == reference.dtype and fast.shape == reference.shape
     np.testing.assert_array_equal(fast, reference)
+
+
+def test_to_array_record_builds_the_record_flower_builds() -> None:
+    values = dict(zip(["w", "b", "scalar"], LAYOUTS[:3], strict=True))
+    ours, flowers = to_array_record(values), ArrayRecord()
+    for name, value in values.items():
+        flowers[name] = Array(value)
+    assert list(ours) == ["w", "b", "scalar"] and ours == flowers
+    assert ours.is_dirty and ours.object_id == flowers.object_id
+    ours["extra"] = Array(np.zeros(1))  # still Flower's typed record: checks what is set
+    with pytest.raises(TypeError):
+        ours["bad"] = np.zeros(1)  # type: ignore[assignment]
