@@ -174,15 +174,17 @@ def run_systems(
     with tempfile.TemporaryDirectory() as states:
         for name in workloads:
             runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            skipped: set[str] = set()  # skipped or failed once: not tried again
             for attempt in range(repeat):
                 for system in order if attempt % 2 == 0 else order[::-1]:
-                    if any(note.startswith(f"{system} on {name}:") for note in notes):
-                        continue  # skipped or failed before: do not try again
+                    if system in skipped:
+                        continue
                     state = Path(states) / f"{system}-{attempt}.pt"
                     result = _run_once(
                         system, name, attempt, state, rounds=rounds, seed=seed, env=env
                     )
                     if isinstance(result, str):
+                        skipped.add(system)
                         notes.append(f"{system} on {name}: {result}")
                     else:
                         runs[system].append(result)

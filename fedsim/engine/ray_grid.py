@@ -24,13 +24,13 @@ from typing import Any
 
 import ray
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict, UserConfig
+from flwr.app import Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fedsim.engine.devices import array_bytes
 from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
 from fedsim.engine.simulated import SimulatedGrid
-from fedsim.records import records_of
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,6 @@ def batch_size(queued: int, num_actors: int, payload_bytes: int) -> int:
     """
     share = math.ceil(queued / (2 * num_actors))
     return max(1, min(share, BATCH_BYTES // max(payload_bytes, 1)))
-
-
-def _payload_bytes(content: RecordDict) -> int:
-    """Return the bytes of every array ``content`` carries."""
-    return sum(
-        len(array.data)
-        for record in records_of(content, ArrayRecord).values()
-        for array in record.values()
-    )
 
 
 class _NodeActor:
@@ -262,14 +253,15 @@ class RayGrid(SimulatedGrid):
             while queue and idle:
                 content = queue[0].content
                 if id(content) not in content_refs:
-                    content_refs[id(content)] = (ray.put(content), _payload_bytes(content))
+                    content_refs[id(content)] = (ray.put(content), array_bytes(content))
                 ref, payload = content_refs[id(content)]
                 size = batch_size(len(queue), len(self._actors), payload)
+                if id(queue[0]) in alone:
+                    size = 1
                 batch = [queue.popleft()]
                 while (
                     queue
                     and len(batch) < size
-                    and id(batch[0]) not in alone
                     and queue[0].content is content
                     and id(queue[0]) not in alone
                 ):
