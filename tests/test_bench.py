@@ -1,12 +1,14 @@
 """The engine benchmark: the floor is W1 itself, and the script's JSON has the promised shape."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord
@@ -125,6 +127,41 @@ def test_targets_are_judged_from_the_measurements() -> None:
         "PASS",  # +50 MB
         "FAIL",  # 600 / 400 = 1.5
     ]
+
+
+def test_median_interval_is_order_statistics_with_binomial_coverage() -> None:
+    # 9 runs: 2nd smallest to 2nd largest, covering the median with 1 - 2 (1 + 9) / 2^9.
+    low, high, coverage = report.median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5])
+    assert (low, high) == (2, 8) and coverage == pytest.approx(1 - 20 / 512)
+    # 5 runs cannot reach 95%: min to max, 1 - 2 / 2^5.
+    assert report.median_interval([3, 1, 2, 5, 4]) == (1, 5, pytest.approx(0.9375))
+    assert report.median_interval([1.0]) is None
+
+
+def test_median_interval_covers_the_median_as_often_as_it_claims() -> None:
+    # Skewed draws (log-normal, median 1): over 4000 sets of 9, the share of intervals
+    # holding 1 estimates the coverage with standard error sqrt(p (1 - p) / 4000) = 0.003.
+    rng = np.random.default_rng(0)
+    trials = 4000
+    hits = 0
+    for draws in rng.lognormal(0.0, 1.0, size=(trials, 9)):
+        low, high, coverage = report.median_interval(draws.tolist())
+        hits += low <= 1.0 <= high
+    error = math.sqrt(coverage * (1 - coverage) / trials)
+    assert abs(hits / trials - coverage) <= 4 * error
+
+
+def test_a_verdict_within_the_noise_says_so() -> None:
+    # Five paired runs whose steady ratios straddle 1.10: the median decides, the note warns.
+    floor, inline = _row("floor", "W1a", 10.0, 1.0), _row("inline", "W1a", 10.0, 1.0)
+    floor["runs"] = [{"attempt": i, "total_s": 10.0, "steady_round_s": 1.0} for i in range(5)]
+    inline["runs"] = [
+        {"attempt": i, "total_s": 10.0, "steady_round_s": s}
+        for i, s in enumerate([1.04, 1.06, 1.08, 1.12, 1.14])
+    ]
+    steady = report.targets([floor, inline], {})[0]
+    assert steady.endswith("PASS, within noise")
+    assert "1.080x (94% interval 1.040-1.140, 5 runs)" in steady
 
 
 def test_memory_sampling_counts_child_processes() -> None:

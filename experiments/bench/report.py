@@ -2,14 +2,15 @@
 
 This module holds the pure formatting of results the runs produced (dicts, as the children
 report them and ``engines.py`` summarizes them): the markdown tables and each target with its
-measured value and PASS or FAIL. It also holds ``paired_ratio``, which both the summaries in
-``engines.py`` and the targets use. It is apart from ``engines.py`` so the report can be read
-and tested without running anything; it imports no torch.
+measured value and PASS or FAIL. It also holds ``paired_ratios`` and ``median_interval``,
+which both the summaries in ``engines.py`` and the targets use. It is apart from ``engines.py``
+so the report can be read and tested without running anything; it imports no torch.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -18,13 +19,48 @@ OWN_SAMPLING = {"flower"}  # systems whose cohorts differ from fedsim's, so weig
 TARGET_WORKLOADS = ("W1a", "W1b")  # the targets are stated for W1 (W1b-0 only explains them)
 
 
+CONFIDENCE = 0.95  # wanted coverage of the intervals around median ratios
+
+
+def paired_ratios(
+    runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], key: str
+) -> list[float]:
+    """Return ``run[key] / baseline run[key]`` for each repetition both ran."""
+    base = {r["attempt"]: r[key] for r in baseline}
+    return [r[key] / base[r["attempt"]] for r in runs if r["attempt"] in base]
+
+
 def paired_ratio(
     runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], key: str
 ) -> float | None:
     """Return the median over repetitions of ``run[key] / baseline run[key]``."""
-    base = {r["attempt"]: r[key] for r in baseline}
-    ratios = [r[key] / base[r["attempt"]] for r in runs if r["attempt"] in base]
+    ratios = paired_ratios(runs, baseline, key)
     return statistics.median(ratios) if ratios else None
+
+
+def median_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float, float] | None:
+    """Return ``(low, high, coverage)``: a distribution-free interval for the median.
+
+    Of n independent draws, the k-th smallest and k-th largest enclose the
+    population's median with probability ``1 - 2 P(Binomial(n, 1/2) <= k - 1)``,
+    whatever the distribution. The narrowest such interval with at least
+    ``confidence`` coverage is returned; with too few draws to reach it, the
+    widest one (min to max) with the coverage it has. ``None`` for fewer than 2.
+    The runs' medians decide PASS and FAIL; the interval says whether the
+    machine's noise could have decided otherwise.
+    """
+    n = len(values)
+    if n < 2:
+        return None
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+    k = max((k for k in range(1, n // 2 + 1) if coverage(k) >= confidence), default=1)
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k], coverage(k)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -72,28 +108,43 @@ def _check(what: str, measured: str, ok: bool | None) -> str:
     return f"{what}: {measured}  {verdict}"
 
 
+def _ratio_check(what: str, ratios: Sequence[float], bound: float, *, below: bool) -> str:
+    """Judge a median ratio against ``bound`` (``below``: it must not exceed it).
+
+    The measured text gives the interval around the median; where the interval
+    holds the bound, the verdict says so: another set of runs could reverse it.
+    """
+    if not ratios:
+        return _check(what, "-", None)
+    median = statistics.median(ratios)
+    measured = f"{median:.3f}x"
+    interval = median_interval(ratios)
+    close = False
+    if interval:
+        low, high, coverage = interval
+        measured += f" ({coverage:.0%} interval {low:.3f}-{high:.3f}, {len(ratios)} runs)"
+        close = low <= bound <= high
+    ok = median <= bound if below else median > bound
+    return _check(what, measured, ok) + (", within noise" if close else "")
+
+
 def targets(rows: Sequence[dict[str, Any]], scale: dict[str, dict[str, Any]]) -> list[str]:
     """Return each target of the issue with its measured value and PASS or FAIL."""
     lines = []
     by = {(r["system"], r["workload"]): r for r in rows}
     for name in dict.fromkeys(r["workload"] for r in rows if r["workload"] in TARGET_WORKLOADS):
-        inline = by.get(("inline", name))
+        floor, inline = by.get(("floor", name)), by.get(("inline", name))
         for key, limit in (("steady_round", 1.10), ("total", 1.15)):
-            ratio = inline[f"{key}_ratio_to_floor"] if inline else None
             what = f"{name}  fedsim inline {key.replace('_', ' ')} <= {limit:.2f}x floor"
-            lines.append(_check(what, f"{_fmt(ratio, '.3f')}x", _at_most(ratio, limit)))
+            ratios = (
+                paired_ratios(inline["runs"], floor["runs"], f"{key}_s") if floor and inline else []
+            )
+            lines.append(_ratio_check(what, ratios, limit, below=True))
         for mine, theirs in itertools.product(("inline", "ray"), ("flower", "pfl")):
             a, b = by.get((mine, name)), by.get((theirs, name))
-            what = f"{name}  fedsim {mine} steady round faster than {theirs}"
-            if not (a and b):
-                lines.append(_check(what, "-", None))
-                continue
-            speedup = paired_ratio(b["runs"], a["runs"], "steady_round_s")
-            measured = (
-                f"{a['steady_round_s']:.3f} s vs {b['steady_round_s']:.3f} s, "
-                f"{theirs} / fedsim {_fmt(speedup, '.2f')}x"
-            )
-            lines.append(_check(what, measured, None if speedup is None else speedup > 1))
+            what = f"{name}  fedsim {mine} steady round faster than {theirs} ({theirs} / fedsim)"
+            ratios = paired_ratios(b["runs"], a["runs"], "steady_round_s") if a and b else []
+            lines.append(_ratio_check(what, ratios, 1.0, below=False))
     small, large = scale.get("population-1e3"), scale.get("population-1e6")
     for case in (small, large):
         if case:
