@@ -107,7 +107,7 @@ def test_targets_are_judged_from_the_measurements() -> None:
         _row("flower", "W1a", 30.0, 2.0),
         _row("pfl", "W1a", 10.0, 0.9),
     ]
-    assert report.paired_ratio(rows[2]["runs"], rows[1]["runs"], "steady_round_s") == 2.0 / 1.2
+    assert report.paired_ratios(rows[2]["runs"], rows[1]["runs"], "steady_round_s") == [2.0 / 1.2]
     scale = {
         "population-1e3": {"label": "1e3", "startup_s": 0.1, "peak_rss_mb": 300.0},
         "population-1e6": {"label": "1e6", "startup_s": 2.5, "peak_rss_mb": 350.0},

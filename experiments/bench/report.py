@@ -17,8 +17,6 @@ from typing import Any
 
 OWN_SAMPLING = {"flower"}  # systems whose cohorts differ from fedsim's, so weights do too
 TARGET_WORKLOADS = ("W1a", "W1b")  # the targets are stated for W1 (W1b-0 only explains them)
-
-
 CONFIDENCE = 0.95  # wanted coverage of the intervals around median ratios
 
 
@@ -28,14 +26,6 @@ def paired_ratios(
     """Return ``run[key] / baseline run[key]`` for each repetition both ran."""
     base = {r["attempt"]: r[key] for r in baseline}
     return [r[key] / base[r["attempt"]] for r in runs if r["attempt"] in base]
-
-
-def paired_ratio(
-    runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], key: str
-) -> float | None:
-    """Return the median over repetitions of ``run[key] / baseline run[key]``."""
-    ratios = paired_ratios(runs, baseline, key)
-    return statistics.median(ratios) if ratios else None
 
 
 def median_interval(
