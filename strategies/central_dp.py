@@ -40,7 +40,6 @@ guarantee, as in Flower's wrappers.
 """
 
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
@@ -61,12 +60,16 @@ from fedsim.privacy.flat import FlatLayout, flatten, unflatten
 from fedsim.records import records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
 from fedsim.strategies.fedavg import skip_reply
-from fedsim.strategies.gaussian_sum_release import COHORT_METRIC, GaussianSumRelease, Sampling
-from fedsim.strategies.multi_exchange import WrapsStrategy
+from fedsim.strategies.gaussian_sum_release import (
+    COHORT_METRIC,
+    GaussianSumRelease,
+    ReleasesPrivately,
+    Sampling,
+)
 from fedsim.strategies.sampling import available_nodes
 
 
-class CentralDP(WrapsStrategy):
+class CentralDP(ReleasesPrivately):
     """Wrap ``strategy`` in central DP with fixed or adaptive clipping.
 
     Parameters
@@ -190,18 +193,3 @@ class CentralDP(WrapsStrategy):
             rng=numpy_rng(self.release.seed, server_round, SERVER_NODE, "central-dp-clip-noise"),
         )
         self.release.clip_norm = next_clip_norm(self.release.clip_norm, unclipped_fraction=fraction)
-
-    # ------------------------------------------------------ reporting, state
-
-    def privacy(self) -> dict[str, float]:
-        """Return the ε spent so far at δ (the loop reports it every round)."""
-        return self.release.privacy()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the release's state (accountant, clip norm) and the inner strategy's."""
-        return {**super().state_dict(), "release": self.release.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        super().load_state_dict(state)
-        self.release.load_state_dict(state["release"])

@@ -31,8 +31,6 @@ Adaptive clipping is not available: it needs each client's clipped-or-not bit,
 which the server does not see.
 """
 
-from typing import Any
-
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -41,12 +39,16 @@ from fedsim.arrays import arrays_of
 from fedsim.loop import TrainRound
 from fedsim.privacy.flat import flatten, unflatten
 from fedsim.privacy.secagg import wire
-from fedsim.strategies.gaussian_sum_release import COHORT_METRIC, GaussianSumRelease
+from fedsim.strategies.gaussian_sum_release import (
+    COHORT_METRIC,
+    GaussianSumRelease,
+    ReleasesPrivately,
+)
 from fedsim.strategies.sampling import available_nodes
 from fedsim.strategies.secure_aggregation import SecureAggregation
 
 
-class SecureCentralDP(SecureAggregation):
+class SecureCentralDP(SecureAggregation, ReleasesPrivately):
     """Run ``strategy``'s training under secure aggregation with central DP on the sum.
 
     Parameters
@@ -112,16 +114,3 @@ class SecureCentralDP(SecureAggregation):
         metrics = outcome.metrics()
         metrics[COHORT_METRIC] = contributions
         return new_arrays, metrics
-
-    def privacy(self) -> dict[str, float]:
-        """Return the ε spent so far at δ (the loop reports it every round)."""
-        return self.release.privacy()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the release's state (accountant) and the wrapped strategy's."""
-        return {**super().state_dict(), "release": self.release.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        super().load_state_dict(state)
-        self.release.load_state_dict(state["release"])
