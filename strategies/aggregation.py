@@ -3,6 +3,7 @@
 import math
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,6 +12,16 @@ from flwr.app import ArrayRecord, MetricRecord
 
 class InvalidReplyError(ValueError):
     """A client's reply cannot be aggregated; the strategy skips it."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """One reply's values as :meth:`WeightedMean.check` converted and checked them."""
+
+    values: Mapping[str, np.ndarray]
+    tensors: dict[str, torch.Tensor]  # views of ``values``, as the sums read them
+    shapes: dict[str, tuple[int, ...]]
+    weight: float
 
 
 class WeightedMean:
@@ -37,29 +48,38 @@ class WeightedMean:
         self.total_weight = 0.0
         self.count = 0
 
-    def check(self, values: Mapping[str, np.ndarray], weight: float) -> dict[str, tuple[int, ...]]:
-        """Raise :class:`InvalidReplyError` if ``add(values, weight)`` would be rejected.
+    def check(self, values: Mapping[str, np.ndarray], weight: float) -> Term:
+        """Return ``weight * values`` checked and ready for :meth:`add_checked`.
 
-        Returns the entries' shapes: the template's, or the first term's.
+        Raises :class:`InvalidReplyError` if the term would be rejected. A strategy
+        that validates all of a reply (metrics and arrays) before adding any of it
+        converts and checks each part once this way, not once to check and again
+        to add.
         """
-        return self._checked(_tensors(values), weight)
+        tensors = _tensors(values)
+        return Term(values, tensors, self._checked(tensors, weight), weight)
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
         """Add ``weight * values``; if invalid, raise and change nothing.
 
         A zero weight (a client without examples) is valid and contributes nothing.
         """
-        terms = _tensors(values)
-        shapes = self._checked(terms, weight)
-        if weight == 0:
+        self.add_checked(self.check(values, weight))
+
+    def add_checked(self, term: Term) -> None:
+        """Add a term :meth:`check` returned, unless another term fixed other shapes since."""
+        if self._shapes is not None and term.shapes is not self._shapes:
+            if term.shapes != self._shapes:
+                raise InvalidReplyError("term was checked against other shapes than this mean's")
+        if term.weight == 0:
             return
-        self._shapes = shapes
-        for name, term in terms.items():
+        self._shapes = term.shapes
+        for name, tensor in term.tensors.items():
             if name not in self._sums:
-                self._sums[name] = torch.zeros(shapes[name], dtype=torch.float64)
-                self._dtypes[name] = np.asarray(values[name]).dtype
-            self._sums[name].add_(term, alpha=weight)
-        self.total_weight += weight
+                self._sums[name] = torch.zeros(term.shapes[name], dtype=torch.float64)
+                self._dtypes[name] = np.asarray(term.values[name]).dtype
+            self._sums[name].add_(tensor, alpha=term.weight)
+        self.total_weight += term.weight
         self.count += 1
 
     def mean(self) -> dict[str, np.ndarray]:
@@ -94,14 +114,28 @@ class WeightedMean:
 def _tensors(values: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """View each value as a tensor without copying; they are only ever read.
 
-    Replies decode to read-only views of their payload bytes, for which
-    ``torch.from_numpy`` warns that writing would be undefined; nothing writes.
     A term is converted once, for both its checks and its sum: per entry, the
-    conversion and the warning filter cost more than a small layer's addition.
+    conversion costs more than a small layer's addition.
     """
+    return {name: torch.from_numpy(_numeric(value)) for name, value in values.items()}
+
+
+def _spend_read_only_warning() -> None:
+    """Trigger, silenced, the warning torch gives once per process for read-only arrays.
+
+    Replies decode to read-only views of their payload bytes (``fedsim.arrays.decode``),
+    for which ``torch.from_numpy`` warns that writing would be undefined; nothing here
+    writes. torch warns only the first time in a process, so silencing that one call
+    here replaces a warnings filter around every reply's conversion, whose set-up
+    costs more than the conversion itself.
+    """
+    read_only = np.frombuffer(bytes(4), dtype=np.float32)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return {name: torch.from_numpy(_numeric(value)) for name, value in values.items()}
+        warnings.simplefilter("ignore", UserWarning)
+        torch.from_numpy(read_only)
+
+
+_spend_read_only_warning()
 
 
 def _numeric(value: np.ndarray) -> np.ndarray:

@@ -99,12 +99,12 @@ class FedAvg(FlowerFedAvg):
             try:
                 weight, metric_vals, array_vals = self._unpack(reply.content, with_arrays=True)
                 # Metrics are checked first: once its arrays are added, the reply counts.
-                metrics.check(metric_vals, weight)
+                metric_term = metrics.check(metric_vals, weight)
                 arrays.add(array_vals, weight)
             except InvalidReplyError as exc:
                 skip_reply(reply, str(exc))
                 continue
-            metrics.add(metric_vals, weight)
+            metrics.add_checked(metric_term)
         if arrays.count == 0:
             return None, None
         return to_array_record(arrays.mean()), to_metric_record(metrics.mean())

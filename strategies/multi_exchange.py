@@ -263,15 +263,14 @@ class GradientStrategy(RunsItsOwnRounds, FedAvg):
         counted = []
         for reply, vectors, metric_vals in self._unpacked(replies, names):
             try:
-                for mean, vector in zip(means, vectors, strict=True):
-                    mean.check(vector, 1.0)
-                metrics.check(metric_vals, 1.0)
+                terms = [mean.check(v, 1.0) for mean, v in zip(means, vectors, strict=True)]
+                metric_term = metrics.check(metric_vals, 1.0)
             except InvalidReplyError as exc:
                 skip_reply(reply, str(exc))
                 continue
-            for mean, vector in zip(means, vectors, strict=True):
-                mean.add(vector, 1.0)
-            metrics.add(metric_vals, 1.0)
+            for mean, term in zip(means, terms, strict=True):
+                mean.add_checked(term)
+            metrics.add_checked(metric_term)
             counted.append(reply.metadata.src_node_id)
         if not counted:
             return [], None, []

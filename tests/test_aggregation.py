@@ -1,5 +1,7 @@
 """Streaming FedAvg aggregation against hand-computed weighted means."""
 
+import subprocess
+import sys
 import tracemalloc
 
 import numpy as np
@@ -45,6 +47,40 @@ def test_weighted_mean_rejects_bad_terms_without_changing_the_sum(values, weight
         mean.add(values, weight)
     np.testing.assert_array_equal(mean.mean()["w"], [1.0, 1.0])
     assert mean.count == 1
+
+
+def test_a_checked_term_adds_as_add_would() -> None:
+    checked, direct = WeightedMean(), WeightedMean()
+    for values, weight in (({"w": np.array([1.0, 2.0])}, 1), ({"w": np.array([3.0, 6.0])}, 3)):
+        checked.add_checked(checked.check(values, weight))
+        direct.add(values, weight)
+    np.testing.assert_array_equal(checked.mean()["w"], direct.mean()["w"])
+    assert (checked.count, checked.total_weight) == (direct.count, direct.total_weight) == (2, 4)
+
+
+def test_a_term_checked_before_another_fixed_the_shapes_is_rejected() -> None:
+    mean = WeightedMean()
+    first, other = mean.check({"w": np.zeros(2)}, 1), mean.check({"w": np.zeros(3)}, 1)
+    mean.add_checked(first)
+    with pytest.raises(InvalidReplyError, match="other shapes"):
+        mean.add_checked(other)
+    assert mean.count == 1
+
+
+def test_read_only_replies_convert_without_a_warning() -> None:
+    # torch warns once per process; a fresh interpreter shows whether the module spent it.
+    code = (
+        "import warnings, numpy as np\n"
+        "from fedsim.strategies.aggregation import WeightedMean\n"
+        "warnings.simplefilter('error', UserWarning)\n"
+        "payload = np.frombuffer(np.ones(2, np.float32).tobytes(), dtype=np.float32)\n"
+        "mean = WeightedMean()\n"
+        "mean.add({'w': payload}, 1)\n"
+        "print(mean.mean()['w'].tolist())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[1.0, 1.0]"
 
 
 def test_fedavg_aggregates_arrays_and_metrics_weighted_by_examples() -> None:
