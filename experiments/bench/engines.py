@@ -32,9 +32,11 @@ the runs, and each ratio to the floor is the median of the ratios to the floor's
 same repetition (close in time, so the machine's drift largely cancels). "steady min-max s"
 shows how much the runs varied; each target also prints a distribution-free interval around
 its median ratio and says "within noise" where that interval holds the target's bound. On a
-2-core VM single runs of the same code differ by up to 15%, while fedsim inline and pfl sit
-within 10% of the floor: 9 runs of the in-process systems narrow the interval to the 2nd to
-8th of 9 ratios (96% coverage) instead of 5 runs' min to max. Children
+2-core VM single runs of the same code differ by 15% on a quiet day and by up to 50% on a busy
+one, while fedsim inline and pfl sit within 10% of the floor: 9 runs of the in-process
+systems narrow the interval to the 2nd to 8th of 9 ratios (96% coverage) instead of 5 runs'
+min to max, and ``--systems floor,inline,pfl --repeat 21 --no-scale`` to the 6th to 16th of
+21 (97%). Children
 run with glibc's malloc thresholds pinned (``PINNED_MALLOC``; ``--system-malloc`` to not), so
 that page faults from allocator history do not decide the comparison.
 
