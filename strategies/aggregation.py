@@ -127,7 +127,9 @@ def _spend_read_only_warning() -> None:
     for which ``torch.from_numpy`` warns that writing would be undefined; nothing here
     writes. torch warns only the first time in a process, so silencing that one call
     here replaces a warnings filter around every reply's conversion, whose set-up
-    costs more than the conversion itself.
+    costs more than the conversion itself. The price: other code in the process
+    that converts a read-only array gets no warning either, as it got none once a
+    reply had been aggregated.
     """
     read_only = np.frombuffer(bytes(4), dtype=np.float32)
     with warnings.catch_warnings():
