@@ -68,9 +68,8 @@ class WeightedMean:
 
     def add_checked(self, term: Term) -> None:
         """Add a term :meth:`check` returned, unless another term fixed other shapes since."""
-        if self._shapes is not None and term.shapes is not self._shapes:
-            if term.shapes != self._shapes:
-                raise InvalidReplyError("term was checked against other shapes than this mean's")
+        if self._shapes is not None and term.shapes != self._shapes:
+            raise InvalidReplyError("term was checked against other shapes than this mean's")
         if term.weight == 0:
             return
         self._shapes = term.shapes
