@@ -248,9 +248,9 @@ class RayGrid(SimulatedGrid):
         When ``timeout`` expires, the messages of unfinished batches (a batch's
         replies come back together) get ``NODE_UNAVAILABLE`` error replies and the
         actors still busy with them are replaced, so the next exchange starts on an
-        idle pool. When an actor dies, the messages of the batch it was running
-        run again one per task on the replacement (those queued behind it, as they
-        were); the one that kills it alone gets a ``CLIENT_APP_CRASHED`` reply.
+        idle pool. When an actor dies, the messages of its unfinished batches run
+        again one per task, each on an actor with nothing else to run; the one
+        that kills an actor there gets a ``CLIENT_APP_CRASHED`` reply.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.compute_seconds = {}
@@ -289,10 +289,12 @@ class RayGrid(SimulatedGrid):
 class _Exchange:
     """One ``send_and_receive`` call: the messages still queued and each actor's tasks.
 
-    Ray runs an actor's tasks one at a time, in the order they were submitted, so
-    the oldest unfinished task of an actor (the head of its line) is the one it is
-    running, and tasks behind it have not started: when the actor dies, only the
-    head's messages can have killed it.
+    Ray runs an actor's tasks one at a time, in the order they were submitted. When
+    an actor dies with several tasks unfinished, which message killed it is
+    ambiguous: the one it was running, or one behind it whose crash lost the
+    previous task's replies on their way back. So suspects run again *alone*: one
+    message per task, on an actor with nothing else to run, whose death then
+    convicts that message only.
     """
 
     def __init__(self, grid: RayGrid, messages: Iterable[Message]) -> None:
@@ -302,6 +304,7 @@ class _Exchange:
         self.content_refs: dict[int, tuple[ray.ObjectRef, int]] = {}  # one store copy each
         self.tasks: dict[ray.ObjectRef, tuple[list[Message], Any]] = {}  # batch, actor
         self.lines: dict[Any, deque[ray.ObjectRef]] = {a: deque() for a in grid._actors}
+        self.exclusive: set[ray.ObjectRef] = set()  # tasks of a lone message, alone on an actor
         # One entry per task an actor can take; round-robin, so every actor starts at once.
         self.free = deque(a for _ in range(TASKS_PER_ACTOR) for a in grid._actors)
 
@@ -326,15 +329,17 @@ class _Exchange:
             yield from self.grid._deliver(batch, results)
 
     def dispatch(self) -> None:
-        """Give every free task slot a batch of queued messages that share their content."""
-        while self.queue and self.free:
+        """Give free task slots batches of queued messages that share their content."""
+        while self.queue:
+            lone = id(self.queue[0]) in self.alone
+            actor = self.take_slot(exclusive=lone)
+            if actor is None:
+                return
             content = self.queue[0].content
             if id(content) not in self.content_refs:
                 self.content_refs[id(content)] = (ray.put(content), array_bytes(content))
             ref, payload = self.content_refs[id(content)]
-            size = batch_size(len(self.queue), len(self.grid._actors), payload)
-            if id(self.queue[0]) in self.alone:
-                size = 1
+            size = 1 if lone else batch_size(len(self.queue), len(self.grid._actors), payload)
             batch = [self.queue.popleft()]
             while (
                 self.queue
@@ -348,44 +353,53 @@ class _Exchange:
                 assign_message_id(message)
                 context = self.grid.nodes.context(message.metadata.dst_node_id)
                 jobs.append((copy(message.metadata), context))
-            actor = self.free.popleft()
             task = actor.run.remote([ref], jobs)
             self.tasks[task] = (batch, actor)
             self.lines[actor].append(task)
+            if lone:
+                self.exclusive.add(task)
+
+    def take_slot(self, *, exclusive: bool) -> Any | None:
+        """Take a free task slot: for a lone message, of an actor with nothing else to run.
+
+        An actor running a lone message takes nothing more until it is done.
+        """
+        for actor in self.free:
+            line = self.lines[actor]
+            busy = bool(line) and (exclusive or line[0] in self.exclusive)
+            if not busy:
+                self.free.remove(actor)  # its first entry: this one
+                return actor
+        return None
 
     def finish(self, task: ray.ObjectRef) -> list[Message]:
         """Forget a task that has ended; return its batch."""
         batch, actor = self.tasks.pop(task)
         self.lines[actor].remove(task)
+        self.exclusive.discard(task)
         return batch
 
     def lost(self, actor: Any, exc: Exception) -> Iterator[Message]:
         """Settle every task of a dead actor, and put a new actor in its place.
 
-        Tasks that ended before it died still deliver their replies. The first one
-        that did not is the one it was running: a lone message there gets a
-        ``CLIENT_APP_CRASHED`` reply, the messages of a larger batch run again one
-        per task. Tasks behind it never started; their messages are queued again.
+        Tasks whose replies arrived still deliver them. If a single message was
+        unfinished, it killed the actor and gets a ``CLIENT_APP_CRASHED`` reply;
+        otherwise every unfinished message is a suspect and runs again alone.
         """
-        requeue: list[Message] = []
-        culprit_seen = False
+        unfinished: list[Message] = []
         for task in list(self.lines[actor]):
             batch = self.finish(task)
-            if culprit_seen:
-                requeue += batch
-                continue
             try:
                 results = ray.get(task)
             except ray.exceptions.RayActorError:
-                culprit_seen = True
-                if len(batch) == 1:
-                    yield error_reply(batch[0], ErrorCode.CLIENT_APP_CRASHED, f"actor died: {exc}")
-                else:
-                    self.alone.update(id(message) for message in batch)
-                    requeue += batch
+                unfinished += batch
             else:
                 yield from self.grid._deliver(batch, results)
-        self.queue.extendleft(reversed(requeue))
+        if len(unfinished) == 1:
+            yield error_reply(unfinished[0], ErrorCode.CLIENT_APP_CRASHED, f"actor died: {exc}")
+        else:
+            self.alone.update(id(message) for message in unfinished)
+            self.queue.extendleft(reversed(unfinished))
         self.replace(actor)
 
     def expire(self) -> Iterator[Message]:
