@@ -303,10 +303,8 @@ class _Exchange:
         self.alone: set[int] = set()  # ids of messages that must run in a task of their own
         self.content_refs: dict[int, tuple[ray.ObjectRef, int]] = {}  # one store copy each
         self.tasks: dict[ray.ObjectRef, tuple[list[Message], Any]] = {}  # batch, actor
+        # Each actor's tasks in submission order, the actors in pool order.
         self.lines: dict[Any, deque[ray.ObjectRef]] = {a: deque() for a in grid._actors}
-        self.exclusive: set[ray.ObjectRef] = set()  # tasks of a lone message, alone on an actor
-        # One entry per task an actor can take; round-robin, so every actor starts at once.
-        self.free = deque(a for _ in range(TASKS_PER_ACTOR) for a in grid._actors)
 
     def run(self, deadline: float | None) -> Iterator[Message]:
         """Dispatch and collect until every message has a reply (or ``deadline`` passes)."""
@@ -324,7 +322,6 @@ class _Exchange:
                 yield from self.lost(actor, exc)
                 continue
             batch = self.finish(done[0])
-            self.free.append(actor)
             self.dispatch()  # the actor's next task is queued while these replies are aggregated
             yield from self.grid._deliver(batch, results)
 
@@ -356,27 +353,34 @@ class _Exchange:
             task = actor.run.remote([ref], jobs)
             self.tasks[task] = (batch, actor)
             self.lines[actor].append(task)
-            if lone:
-                self.exclusive.add(task)
 
     def take_slot(self, *, exclusive: bool) -> Any | None:
-        """Take a free task slot: for a lone message, of an actor with nothing else to run.
+        """Return the least busy actor that can take a task, or ``None``.
 
-        An actor running a lone message takes nothing more until it is done.
+        An actor takes up to ``TASKS_PER_ACTOR`` tasks; a lone message needs an
+        actor with nothing else to run, and an actor running one takes nothing more.
+        Ties go to the first in pool order, so every actor starts at once.
         """
-        for actor in self.free:
-            line = self.lines[actor]
-            busy = bool(line) and (exclusive or line[0] in self.exclusive)
-            if not busy:
-                self.free.remove(actor)  # its first entry: this one
-                return actor
-        return None
+        open_actors = [
+            actor
+            for actor, line in self.lines.items()
+            if len(line) < TASKS_PER_ACTOR and not (line and (exclusive or self.lone(line[0])))
+        ]
+        return min(open_actors, key=lambda actor: len(self.lines[actor]), default=None)
+
+    def lone(self, task: ray.ObjectRef) -> bool:
+        """Whether ``task`` runs a lone message.
+
+        A message joins ``alone`` only after its task has ended, so a task still in
+        flight whose message is there went out as a lone one.
+        """
+        batch, _ = self.tasks[task]
+        return id(batch[0]) in self.alone
 
     def finish(self, task: ray.ObjectRef) -> list[Message]:
         """Forget a task that has ended; return its batch."""
         batch, actor = self.tasks.pop(task)
         self.lines[actor].remove(task)
-        self.exclusive.discard(task)
         return batch
 
     def lost(self, actor: Any, exc: Exception) -> Iterator[Message]:
@@ -414,9 +418,6 @@ class _Exchange:
             self.replace(actor)
 
     def replace(self, actor: Any) -> None:
-        """Swap a dead or stuck actor for a new one with all its task slots free."""
-        new = self.grid._replace(actor)
+        """Swap a dead or stuck actor for a new one, with no tasks yet."""
         del self.lines[actor]
-        self.lines[new] = deque()
-        self.free = deque(a for a in self.free if a != actor)
-        self.free.extend([new] * TASKS_PER_ACTOR)
+        self.lines[self.grid._replace(actor)] = deque()
