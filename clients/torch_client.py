@@ -1,5 +1,6 @@
 """A Flower ``ClientApp`` around any PyTorch model, loss and data partition."""
 
+import warnings
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
@@ -13,6 +14,7 @@ from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients.dp_sgd import DPSGD, spend, train_dp_sgd
 from fedsim.clients.training import LossFn, evaluate, train_epochs
+from fedsim.engine.threaded import on_worker_thread
 from fedsim.records import config_number, get_record, records_of
 from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
 
@@ -147,6 +149,8 @@ class TorchClient:
         epochs = config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs)
         batch_size = config_number(config, keys.BATCH_SIZE, int, self.task.batch_size)
         extra_metrics: dict[str, float] = {}
+        if on_worker_thread():
+            _warn_if_drawing_global_rng(model)
         with seeded_torch_rng(derive_seed(seed, round_, partition_id, "train"), self.device):
             if self.task.dp_sgd is None:
                 train_loss = train_epochs(
@@ -240,3 +244,26 @@ def _count_participation(context: Context) -> None:
     if state is None:
         state = context.state[keys.CLIENT_STATE] = ConfigRecord()
     state[keys.ROUNDS_PARTICIPATED] = config_number(state, keys.ROUNDS_PARTICIPATED, int, 0) + 1
+
+
+#: Layers that draw from torch's global RNG in training.
+_GLOBAL_RNG_LAYERS = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU,
+)  # fmt: skip
+
+
+def _warn_if_drawing_global_rng(model: nn.Module) -> None:
+    """Warn that ``model``'s random layers make a threads-engine run unrepeatable.
+
+    Worker threads share torch's one global generator, so the seed this client
+    sets is not the only one its dropout masks come from.
+    """
+    layers = {type(m).__name__ for m in model.modules() if isinstance(m, _GLOBAL_RNG_LAYERS)}
+    if layers:
+        warnings.warn(
+            f"the model's {', '.join(sorted(layers))} draw(s) from torch's global RNG, which "
+            "the threads engine's workers share: updates depend on timing and runs do not "
+            "repeat exactly; use engine inline or ray for bit-repeatable runs",
+            stacklevel=2,
+        )

@@ -134,7 +134,7 @@ class PrivacyConfig:
 class EngineConfig:
     """What executes the clients."""
 
-    name: Literal["inline", "ray", "flower"] = "inline"
+    name: Literal["inline", "threads", "ray", "flower"] = "inline"
     timeout_s: float = _positive(3600.0)
     num_cpus_per_client: float = _positive(1.0)
     num_gpus_per_client: float = _rule(

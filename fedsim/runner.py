@@ -6,6 +6,7 @@ from fedsim.allocator import pin_malloc_thresholds
 from fedsim.clients import make_client_app
 from fedsim.config import RunConfig, flatten
 from fedsim.engine import InlineGrid
+from fedsim.engine.simulated import threads_for
 from fedsim.experiment import build_task, client_mods, run_on_grid
 
 
@@ -21,12 +22,30 @@ def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]
         return _run_on_flower_simulation(config, resume=resume)
     if config.engine.name == "ray":
         return _run_on_ray(config, resume=resume)
+    if config.engine.name == "threads":
+        return _run_on_threads(config, resume=resume)
     grid = InlineGrid(
         make_client_app(build_task(config), client_mods(config)),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
     )
     return run_on_grid(config, grid, engine="inline", resume=resume)
+
+
+def _run_on_threads(config: RunConfig, *, resume: bool) -> dict[str, Any]:
+    """Run on worker threads of this process, sized like Ray actors from the CPU share."""
+    from fedsim.engine.threaded import ThreadedGrid, available_cpus
+
+    engine = config.engine
+    workers = engine.num_actors or max(1, int(available_cpus() // engine.num_cpus_per_client))
+    with ThreadedGrid(
+        make_client_app(build_task(config), client_mods(config)),
+        num_nodes=config.data.num_clients,
+        num_workers=workers,
+        threads_per_worker=threads_for(engine.num_cpus_per_client),
+        run_config=flatten(config),
+    ) as grid:
+        return run_on_grid(config, grid, engine="threads", resume=resume, workers=workers)
 
 
 def _run_on_ray(config: RunConfig, *, resume: bool) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Whole runs through the CLI: result files, reproducibility, failures, Flower's runtime."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -115,21 +116,49 @@ def test_an_offline_real_dataset_fails_in_one_line(tmp_path: Path) -> None:
     assert "DatasetUnavailableError" in done.stderr and "mnist" in done.stderr
 
 
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread, as the threads engine's workers do.
+
+    The thread count changes float reduction order in kernels, so an inline run
+    compared bit for bit with a threads run must use one thread too.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize(
     "config", sorted(Path("experiments/configs").glob("*.toml")), ids=lambda p: p.stem
 )
-def test_every_shipped_config_runs(config: Path, tmp_path: Path) -> None:
+def test_every_shipped_config_runs_bit_identically_inline_and_on_threads(
+    config: Path, tmp_path: Path, one_torch_thread: None
+) -> None:
     overrides = [
         "rounds=2",
         "eval_every=2",
         f"output_dir={tmp_path}",
         "progress=false",
         "plot=false",
+        "engine.num_actors=2",
     ]
-    args = [arg for override in overrides for arg in ("--set", override)]
-    assert main(["run", str(config), *args]) == 0
-    summary = json.loads((tmp_path / config.stem / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["failures"] == 0
+    models = {}
+    for engine in ("inline", "threads"):
+        args = [
+            arg
+            for override in (*overrides, f"engine.name={engine}", f"name={engine}")
+            for arg in ("--set", override)
+        ]
+        assert main(["run", str(config), *args]) == 0
+        summary = json.loads((tmp_path / engine / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["failures"] == 0
+        assert summary["engine"] == engine
+        models[engine] = torch.load(tmp_path / engine / "model.pt")
+    assert summary["workers"] == 2
+    inline, threads = models["inline"], models["threads"]
+    differ = [k for k in inline if not torch.equal(inline[k], threads[k])]
+    assert not differ, differ
 
 
 @pytest.mark.slow

@@ -1,17 +1,39 @@
-"""The inline engine: a Flower Grid that any Flower strategy runs on unchanged."""
+"""The in-process engines (inline, threads): Flower Grids any Flower strategy runs on unchanged."""
 
 import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
 from fedsim.engine import InlineGrid
 from fedsim.engine.nodes import FIRST_NODE_ID
+from fedsim.engine.simulated import SimulatedGrid
+from fedsim.engine.threaded import ThreadedGrid
+
+GridFactory = Callable[[ClientApp, int], SimulatedGrid]
+
+
+@pytest.fixture(params=["inline", "threads"])
+def make_grid(request: pytest.FixtureRequest) -> Iterator[GridFactory]:
+    """Build grids of one in-process engine; the threads engine runs 2 workers."""
+    threaded: list[ThreadedGrid] = []
+
+    def make(app: ClientApp, num_nodes: int) -> SimulatedGrid:
+        if request.param == "inline":
+            return InlineGrid(app, num_nodes=num_nodes)
+        threaded.append(ThreadedGrid(app, num_nodes=num_nodes, num_workers=2))
+        return threaded[-1]
+
+    yield make
+    for grid in threaded:
+        grid.shutdown()
 
 
 def _adder_app() -> ClientApp:
@@ -36,8 +58,10 @@ def _adder_app() -> ClientApp:
     return app
 
 
-def test_flowers_own_fedavg_runs_unchanged_on_the_inline_grid() -> None:
-    grid = InlineGrid(_adder_app(), num_nodes=4)
+def test_flowers_own_fedavg_runs_unchanged_on_the_in_process_grids(
+    make_grid: GridFactory,
+) -> None:
+    grid = make_grid(_adder_app(), 4)
     initial = ArrayRecord([np.zeros(3, dtype=np.float32)])
     result = FlowerFedAvg(fraction_train=1.0, fraction_evaluate=1.0).start(
         grid=grid, initial_arrays=initial, num_rounds=2
@@ -51,7 +75,9 @@ def _message(node_id: int, content: RecordDict | None = None, kind: str = "train
     return Message(content or RecordDict(), node_id, kind)
 
 
-def test_client_failures_become_error_replies_and_the_run_continues() -> None:
+def test_client_failures_become_error_replies_and_the_run_continues(
+    make_grid: GridFactory,
+) -> None:
     app = ClientApp()
 
     @app.train()
@@ -66,8 +92,9 @@ def test_client_failures_become_error_replies_and_the_run_continues() -> None:
             return "not a message"  # type: ignore[return-value]
         return Message(RecordDict({"m": MetricRecord({"num-examples": 1})}), reply_to=message)
 
-    grid = InlineGrid(app, num_nodes=4)
+    grid = make_grid(app, 4)
     replies = list(grid.send_and_receive([_message(FIRST_NODE_ID + i) for i in range(4)]))
+    replies.sort(key=lambda r: r.metadata.src_node_id)  # the threads engine: completion order
     reasons = [r.error.reason if r.has_error() else None for r in replies]
     assert "RuntimeError: disk full" in reasons[0]
     assert "non-finite metric 'loss'" in reasons[1]
@@ -94,7 +121,7 @@ def test_a_client_that_mutates_its_message_does_not_affect_other_clients() -> No
     assert shared["config"]["lr"] == 0.1 and "arrays" in shared
 
 
-def test_node_context_persists_across_rounds() -> None:
+def test_node_context_persists_across_rounds(make_grid: GridFactory) -> None:
     app = ClientApp()
 
     @app.train()
@@ -105,7 +132,7 @@ def test_node_context_persists_across_rounds() -> None:
             RecordDict({"m": MetricRecord({"num-examples": state["n"]})}), reply_to=message
         )
 
-    grid = InlineGrid(app, num_nodes=10)
+    grid = make_grid(app, 10)
     node = FIRST_NODE_ID + 5
     counts = [
         next(iter(grid.send_and_receive([_message(node)]))).content["m"]["num-examples"]
@@ -115,8 +142,8 @@ def test_node_context_persists_across_rounds() -> None:
     assert grid.nodes.num_materialized == 1
 
 
-def test_timeout_turns_unstarted_messages_into_error_replies() -> None:
-    grid = InlineGrid(_adder_app(), num_nodes=3)
+def test_timeout_turns_unstarted_messages_into_error_replies(make_grid: GridFactory) -> None:
+    grid = make_grid(_adder_app(), 3)
     replies = list(grid.send_and_receive([_message(n) for n in grid.get_node_ids()], timeout=-1))
     assert all(r.has_error() and "timeout" in r.error.reason for r in replies)
 

@@ -19,8 +19,8 @@ from fedsim.engine.ray_grid import (
     RayResources,
     batch_size,
     pool_size,
-    threads_for,
 )
+from fedsim.engine.simulated import threads_for
 from tests.conftest import run_cli
 
 

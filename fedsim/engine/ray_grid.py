@@ -31,7 +31,7 @@ from flwr.common.constant import ErrorCode
 
 from fedsim.engine.devices import array_bytes
 from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
-from fedsim.engine.simulated import SimulatedGrid
+from fedsim.engine.simulated import SimulatedGrid, threads_for
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,6 @@ def pool_size(resources: RayResources, cluster: Mapping[str, float]) -> int:
             f"{resources.num_gpus:g} GPU do not fit"
         )
     return wanted
-
-
-def threads_for(num_cpus: float) -> int:
-    """Return torch intra-op threads for an actor holding ``num_cpus`` CPUs.
-
-    Torch's default (one thread per core) in every actor oversubscribes the
-    machine: on 2 cores, threads spinning in OpenMP barriers stalled rounds for
-    15-20 s. Each actor gets threads for its own share only.
-    """
-    return max(1, int(num_cpus))
 
 
 #: What one batch's replies may take in memory, on the actor and on the driver (which may

@@ -59,3 +59,13 @@ class SimulatedGrid(Grid):
     def get_node_ids(self) -> Sequence[int]:
         """Return all node ids as a lazy ``range``."""
         return self.nodes.node_ids
+
+
+def threads_for(num_cpus: float) -> int:
+    """Return torch intra-op threads for a worker (actor or thread) holding ``num_cpus`` CPUs.
+
+    Torch's default (one thread per core) in every worker oversubscribes the
+    machine: on 2 cores, threads spinning in OpenMP barriers stalled rounds for
+    15-20 s. Each worker gets threads for its own share only.
+    """
+    return max(1, int(num_cpus))
