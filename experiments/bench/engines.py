@@ -14,14 +14,15 @@ floor         W1 as the plainest FedAvg loop in PyTorch, one process, no Flower
 floor-malloc  the floor with glibc's default (adaptive) malloc thresholds; every other system
               runs with them pinned (see PINNED_MALLOC), as ``fedsim run`` pins its own
 inline        fedsim's ``InlineGrid`` and seeded streaming ``FedAvg``, driven by ``run_rounds``
+threads       fedsim's ``ThreadedGrid``: 2 worker threads of 1 torch thread each, one process
 ray           fedsim's ``RayGrid``: 2 actors of 1 CPU each
 flower        Flower's ``run_simulation`` (Ray backend, 1 CPU per client: 2 actors)
 pfl           Apple's pfl 0.6 (``SimulatedBackend``, in process); the ``bench`` extra
 ============  ==============================================================================
 
-floor, inline, ray and pfl train the same cohorts on the same batches (fedsim's seeding), so
-they must end on the same weights: the "max |w - floor|" column checks it on every run.
-Flower's FedAvg samples its own cohorts.
+floor, inline, threads, ray and pfl train the same cohorts on the same batches (fedsim's
+seeding), so they must end on the same weights: the "max |w - floor|" column checks it on
+every run. Flower's FedAvg samples its own cohorts.
 
 Every run is its own interpreter (this file re-invoked with ``--run``), so imports, Ray and
 torch threads never leak between systems; the parent samples the resident memory of the
@@ -56,8 +57,8 @@ import s        torch and the system's framework (flwr, ray, pfl) imported.
 start-up s      Start of work to the start of round 1. Flower's ServerApp starts round 1 while
                 its Ray backend is still starting, so its start-up is inside round 1 ("-").
 threads         torch intra-op threads where clients train: torch's default (one per core) in
-                the single-process systems; what the engine sets in Ray actors, read back from
-                the clients' replies.
+                the floor, inline and pfl; what the engine sets in its worker threads or Ray
+                actors, read back from the clients' replies.
 
 The scale section runs fedsim inline on a tiny model over populations of 10^3 and 10^6
 (start-up and memory must not grow with the population), and on a 1M-parameter model at
@@ -105,19 +106,22 @@ from experiments.bench.systems import (  # noqa: E402
     run_inline,
     run_ray,
     run_scale_case,
+    run_threads,
     torch,
 )
 from experiments.bench.systems_pfl import run_pfl  # noqa: E402
 from experiments.bench.workload import ROUNDS, SCALE_CASES, SEED, WORKLOADS  # noqa: E402
 from fedsim.allocator import TUNABLES  # noqa: E402
 
-SYSTEMS = ("floor", "floor-malloc", "inline", "ray", "flower", "pfl")  # the table's order
-RUN_ORDER = ("floor", "inline", "pfl", "floor-malloc", "ray", "flower")  # in-process ones first
+SYSTEMS = ("floor", "floor-malloc", "inline", "threads", "ray", "flower", "pfl")  # table order
+# The in-process systems first, right beside the floor.
+RUN_ORDER = ("floor", "inline", "threads", "pfl", "floor-malloc", "ray", "flower")
 RAY_SYSTEMS = ("ray", "flower")  # they start Ray: 5-20 s a run; --repeat-ray times
 LABELS = {
     "floor": "floor (PyTorch loop)",
     "floor-malloc": "floor, glibc's default malloc",
     "inline": "fedsim inline",
+    "threads": "fedsim threads (2 workers)",
     "ray": "fedsim ray (2 actors)",
     "flower": "flower run_simulation",
     "pfl": "pfl 0.6",
@@ -126,6 +130,7 @@ RUNNERS: dict[str, Callable[..., Timing]] = {
     "floor": run_floor,
     "floor-malloc": run_floor,
     "inline": run_inline,
+    "threads": run_threads,
     "ray": run_ray,
     "flower": run_flower,
     "pfl": run_pfl,

@@ -130,7 +130,7 @@ def targets(rows: Sequence[dict[str, Any]], scale: dict[str, dict[str, Any]]) ->
                 paired_ratios(inline["runs"], floor["runs"], f"{key}_s") if floor and inline else []
             )
             lines.append(_ratio_check(what, ratios, limit, below=True))
-        for mine, theirs in itertools.product(("inline", "ray"), ("flower", "pfl")):
+        for mine, theirs in itertools.product(("inline", "threads", "ray"), ("flower", "pfl")):
             a, b = by.get((mine, name)), by.get((theirs, name))
             what = f"{name}  fedsim {mine} steady round faster than {theirs} ({theirs} / fedsim)"
             ratios = paired_ratios(b["runs"], a["runs"], "steady_round_s") if a and b else []

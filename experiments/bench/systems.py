@@ -2,10 +2,11 @@
 
 This module holds what a child process (``engines.py --run``) executes: fedsim's pieces for
 workload W1 (client task, train config, a ClientApp reporting torch's threads, a ``run_rounds``
-driver), one runner per system (floor, inline, ray, flower; pfl's is in ``systems_pfl.py``), the
-scale cases, and ``Timing``, the clock readings each run returns. It is apart from ``engines.py`` so
-that the orchestration and command line stay short; it imports torch, and frameworks only
-inside the runners, so a child loads nothing beyond the system it runs.
+driver), one runner per system (floor, inline, threads, ray, flower; pfl's is in
+``systems_pfl.py``), the scale cases, and ``Timing``, the clock readings each run returns. It is
+apart from ``engines.py`` so that the orchestration and command line stay short; it imports
+torch, and frameworks only inside the runners, so a child loads nothing beyond the system it
+runs.
 """
 
 from __future__ import annotations
@@ -192,8 +193,8 @@ def _default_threads() -> str:
     return f"{torch.get_num_threads()} (torch default)"
 
 
-def _actor_threads(values: set[float], actors: str) -> str:
-    return f"{'/'.join(f'{v:g}' for v in sorted(values)) or '?'} per actor, {actors}"
+def _worker_threads(values: set[float], workers: str) -> str:
+    return f"{'/'.join(f'{v:g}' for v in sorted(values)) or '?'} per worker, {workers}"
 
 
 # --------------------------------------------------------------------------- systems
@@ -219,6 +220,21 @@ def run_inline(workload: Workload, *, rounds: int, seed: int) -> Timing:
     return timing.finish()
 
 
+def run_threads(workload: Workload, *, rounds: int, seed: int) -> Timing:
+    """Run fedsim's ThreadedGrid: 2 worker threads of 1 torch thread each, in this process."""
+    from fedsim.engine.threaded import ThreadedGrid
+
+    timing = Timing(time.perf_counter())
+    with ThreadedGrid(
+        threads_reporting_app(w1_task()), num_nodes=workload.num_clients, num_workers=2
+    ) as grid:
+        threads = fedsim_rounds(
+            grid, workload, initial=initial_state(seed), rounds=rounds, seed=seed, timing=timing
+        )
+    timing.threads = _worker_threads(threads, f"{grid.num_workers} threads")
+    return timing.finish()
+
+
 def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
     """Run fedsim's RayGrid, 2 actors of 1 CPU; Ray start-up and shut-down included."""
     try:
@@ -239,7 +255,7 @@ def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
         )
     finally:
         grid.shutdown()
-    timing.threads = _actor_threads(threads, actors)
+    timing.threads = _worker_threads(threads, actors)
     return timing.finish()
 
 
@@ -287,7 +303,7 @@ def run_flower(workload: Workload, *, rounds: int, seed: int) -> Timing:
     )
     if timing.final_state is None or len(timing.boundaries) != rounds + 1:
         raise RuntimeError("Flower's ServerApp did not finish its rounds (see the log above)")
-    timing.threads = _actor_threads(threads, "1 CPU per client")
+    timing.threads = _worker_threads(threads, "1 CPU per client")
     return timing.finish()
 
 
