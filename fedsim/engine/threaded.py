@@ -148,11 +148,13 @@ class ThreadedGrid(SimulatedGrid):
         running: dict[Future[tuple[Message, float]], Message] = {}
         try:
             while queued or running:
-                if deadline is not None and time.monotonic() > deadline:
+                expired = deadline is not None and time.monotonic() > deadline
+                if expired:
                     yield from self._expire(queued, running)
                 else:
                     self._start(queued, running)
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # Past the deadline only running clients are left: wait for them, do not spin.
+                left = None if deadline is None or expired else deadline - time.monotonic()
                 done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
                 for future in done:
                     message = running.pop(future)
