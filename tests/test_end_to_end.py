@@ -129,13 +129,24 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+CONFIGS = [(path, ()) for path in sorted(Path("experiments/configs").glob("*.toml"))]
+PRIVATE = {  # the demo under each privacy mechanism that draws noise on clients or server
+    "dp-sgd": ("client.dp_sgd=true",),
+    "local-dp": ("privacy.local_dp=true",),
+    "central-dp": ("privacy.central_dp=true", "privacy.noise_multiplier=0.5"),
+}
+
+
 @pytest.mark.parametrize(
-    "config", sorted(Path("experiments/configs").glob("*.toml")), ids=lambda p: p.stem
+    ("config", "extra"),
+    CONFIGS + [(Path(DEMO), extra) for extra in PRIVATE.values()],
+    ids=[path.stem for path, _ in CONFIGS] + [f"demo-{name}" for name in PRIVATE],
 )
 def test_every_shipped_config_runs_bit_identically_inline_and_on_threads(
-    config: Path, tmp_path: Path, one_torch_thread: None
+    config: Path, extra: tuple[str, ...], tmp_path: Path, one_torch_thread: None
 ) -> None:
     overrides = [
+        *extra,
         "rounds=2",
         "eval_every=2",
         f"output_dir={tmp_path}",

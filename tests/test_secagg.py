@@ -24,6 +24,7 @@ from fedsim.clients import TorchClient, TorchTask, make_client_app
 from fedsim.clients.secagg_mod import SecAggClient, secure_client_app
 from fedsim.engine import InlineGrid
 from fedsim.engine.execute import assign_message_id, error_reply
+from fedsim.engine.threaded import ThreadedGrid
 from fedsim.loop import RoundReport, run_rounds
 from fedsim.privacy.flat import flatten
 from fedsim.privacy.secagg import wire
@@ -180,6 +181,21 @@ def max_update(trained: dict[int, dict[str, np.ndarray]]) -> float:
 
 
 # ---------------------------------------------------------------- end to end
+
+
+def test_the_threads_engine_aggregates_the_same_bits_as_inline() -> None:
+    # Masks, keys and quantization noise come from per-node seeds, never from timing;
+    # the workers run torch on one thread, so the inline run does too.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        inline, _ = run_secure(InlineGrid(secure_client_app(TASK), num_nodes=N))
+    finally:
+        torch.set_num_threads(before)
+    with ThreadedGrid(secure_client_app(TASK), num_nodes=N, num_workers=2) as grid:
+        threaded, report = run_secure(grid)
+    assert all(np.array_equal(inline[k], threaded[k]) for k in inline)
+    assert report.train[wire.SURVIVORS_METRIC] == N
 
 
 def test_aggregate_equals_plain_fedavg_within_the_quantization_bound() -> None:
