@@ -142,6 +142,16 @@ def test_node_context_persists_across_rounds(make_grid: GridFactory) -> None:
     assert grid.nodes.num_materialized == 1
 
 
+def test_pushed_messages_run_when_pulled_and_only_once(make_grid: GridFactory) -> None:
+    grid = make_grid(_adder_app(), 3)
+    content = RecordDict({"arrays": ArrayRecord([np.zeros(2, dtype=np.float32)])})
+    ids = list(grid.push_messages([_message(n, content) for n in grid.get_node_ids()]))
+    replies = list(grid.pull_messages([*ids, "unknown"]))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(ids)
+    assert not any(r.has_error() for r in replies)
+    assert list(grid.pull_messages(ids)) == []
+
+
 def test_timeout_turns_unstarted_messages_into_error_replies(make_grid: GridFactory) -> None:
     grid = make_grid(_adder_app(), 3)
     replies = list(grid.send_and_receive([_message(n) for n in grid.get_node_ids()], timeout=-1))

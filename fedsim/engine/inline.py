@@ -41,20 +41,10 @@ class InlineGrid(SimulatedGrid):
     ) -> None:
         super().__init__(num_nodes=num_nodes, run_config=run_config, run_id=run_id)
         self._client_app = client_app
-        self._pending: dict[str, Message] = {}
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Queue messages; they run when their replies are pulled."""
-        ids = []
-        for message in messages:
-            assign_message_id(message)
-            self._pending[message.metadata.message_id] = message
-            ids.append(message.metadata.message_id)
-        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Run the queued messages with these ids and return their replies."""
-        return [self._execute(self._pending.pop(i)) for i in message_ids if i in self._pending]
+        """Run the pushed messages with these ids and return their replies."""
+        return [self._execute(message) for message in self._take_pushed(message_ids)]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

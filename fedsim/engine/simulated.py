@@ -1,12 +1,13 @@
 """What every fedsim engine shares: a run, a lazy population, Flower's bookkeeping."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from flwr.app import Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedsim.engine.execute import assign_message_id
 from fedsim.engine.identity import claim_server_identity
 from fedsim.engine.nodes import NodeRegistry
 
@@ -18,13 +19,15 @@ class SimulatedGrid(Grid):
     and ``compute_seconds``: the seconds each client spent on a message of the
     latest exchange, by instruction id, which device-heterogeneity models scale
     into simulated time. Engines sharing this base number nodes alike, which is
-    what lets the same seed give the same model on every engine.
+    what lets the same seed give the same model on every engine. Pushed messages
+    wait here until their replies are pulled, when an engine runs them.
     """
 
     def __init__(self, *, num_nodes: int, run_config: UserConfig | None, run_id: int) -> None:
         self._run = Run.create_empty(run_id)
         self.nodes = NodeRegistry(num_nodes, run_id=run_id, run_config=run_config or {})
         self.compute_seconds: dict[str, float] = {}
+        self._pushed: dict[str, Message] = {}
         claim_server_identity(run_id)
 
     def set_run(self, run: Run) -> None:
@@ -47,6 +50,19 @@ class SimulatedGrid(Grid):
     ) -> Message:
         """Create a message (deprecated in Flower; kept for older strategies)."""
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Queue messages; they run when their replies are pulled."""
+        ids = []
+        for message in messages:
+            assign_message_id(message)
+            self._pushed[message.metadata.message_id] = message
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def _take_pushed(self, message_ids: Iterable[str]) -> list[Message]:
+        """Remove and return the pushed messages with these ids (unknown ids are skipped)."""
+        return [self._pushed.pop(i) for i in message_ids if i in self._pushed]
 
     def state_dict(self) -> dict[str, Any]:
         """Return the nodes' state, for run checkpoints."""

@@ -101,21 +101,10 @@ class ThreadedGrid(SimulatedGrid):
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="fedsim-worker")
         self._torch_threads = torch.get_num_threads()
         torch.set_num_threads(threads_per_worker)
-        self._pending: dict[str, Message] = {}
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Queue messages; they run when their replies are pulled."""
-        ids = []
-        for message in messages:
-            assign_message_id(message)
-            self._pending[message.metadata.message_id] = message
-            ids.append(message.metadata.message_id)
-        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Run the queued messages with these ids and return their replies."""
-        queued = deque(self._pending.pop(i) for i in message_ids if i in self._pending)
-        return list(self._exchange(queued, deadline=None))
+        """Run the pushed messages with these ids on the workers and return their replies."""
+        return list(self._exchange(deque(self._take_pushed(message_ids)), deadline=None))
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
