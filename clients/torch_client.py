@@ -131,6 +131,8 @@ class TorchClient:
         """Return this process's one model instance, built on first use."""
         if self._model is None:
             self._model = self.task.model_fn().to(self.device)
+            if on_worker_thread():  # once per model, not once per client
+                _warn_if_drawing_global_rng(self._model)
         return self._model
 
     def train(self, message: Message, context: Context) -> Message:
@@ -149,8 +151,6 @@ class TorchClient:
         epochs = config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs)
         batch_size = config_number(config, keys.BATCH_SIZE, int, self.task.batch_size)
         extra_metrics: dict[str, float] = {}
-        if on_worker_thread():
-            _warn_if_drawing_global_rng(model)
         with seeded_torch_rng(derive_seed(seed, round_, partition_id, "train"), self.device):
             if self.task.dp_sgd is None:
                 train_loss = train_epochs(

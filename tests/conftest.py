@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedsim.arrays import to_array_record
@@ -17,6 +19,20 @@ from fedsim.engine.identity import claim_server_identity
 def _server_identity() -> None:
     # Message(...) needs a task identity; engines set it, bare unit tests set it here.
     claim_server_identity(run_id=1)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread for the test, then restore its thread count.
+
+    The thread count changes float reduction order in kernels, so a run compared
+    bit for bit with one on 1-thread workers (threads engine, Ray actors) uses one
+    thread too.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def reply(node_id: int, arrays: dict[str, np.ndarray] | None, **metrics: float) -> Message:

@@ -1,7 +1,6 @@
 """Whole runs through the CLI: result files, reproducibility, failures, Flower's runtime."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,19 +115,6 @@ def test_an_offline_real_dataset_fails_in_one_line(tmp_path: Path) -> None:
     assert "DatasetUnavailableError" in done.stderr and "mnist" in done.stderr
 
 
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Run torch on one thread, as the threads engine's workers do.
-
-    The thread count changes float reduction order in kernels, so an inline run
-    compared bit for bit with a threads run must use one thread too.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CONFIGS = [(path, ()) for path in sorted(Path("experiments/configs").glob("*.toml"))]
 PRIVATE = {  # the demo under each privacy mechanism that draws noise on clients or server
     "dp-sgd": ("client.dp_sgd=true",),
@@ -145,6 +131,7 @@ PRIVATE = {  # the demo under each privacy mechanism that draws noise on clients
 def test_every_shipped_config_runs_bit_identically_inline_and_on_threads(
     config: Path, extra: tuple[str, ...], tmp_path: Path, one_torch_thread: None
 ) -> None:
+    # The threads engine's workers run torch on one thread, so the inline run does too.
     overrides = [
         *extra,
         "rounds=2",

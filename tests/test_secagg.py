@@ -53,13 +53,8 @@ BOUND = CLIP / levels_for(N, MAX_WEIGHT)  # c/L; L counts U2, which is all N cli
 FLOAT32_SLACK = 1e-7  # rounding the new global model (entries of size < 1) to float32
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # Tiny models: a second torch thread only contends with whatever else runs.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models: a second torch thread only contends with whatever else runs.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def partition(index: int, _num: int) -> TensorDataset:
@@ -185,13 +180,8 @@ def max_update(trained: dict[int, dict[str, np.ndarray]]) -> float:
 
 def test_the_threads_engine_aggregates_the_same_bits_as_inline() -> None:
     # Masks, keys and quantization noise come from per-node seeds, never from timing;
-    # the workers run torch on one thread, so the inline run does too.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        inline, _ = run_secure(InlineGrid(secure_client_app(TASK), num_nodes=N))
-    finally:
-        torch.set_num_threads(before)
+    # the workers run torch on one thread, as this module's inline runs do.
+    inline, _ = run_secure(InlineGrid(secure_client_app(TASK), num_nodes=N))
     with ThreadedGrid(secure_client_app(TASK), num_nodes=N, num_workers=2) as grid:
         threaded, report = run_secure(grid)
     assert all(np.array_equal(inline[k], threaded[k]) for k in inline)
