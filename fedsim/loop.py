@@ -3,9 +3,10 @@
 It drives any ``flwr.serverapp.strategy.Strategy`` exactly as Flower's
 ``Strategy.start`` does (configure -> ``grid.send_and_receive`` -> aggregate, for
 training then evaluation, then centralized evaluation), and adds what a
-simulation user needs around each round: timing, reply and failure counts,
-communication volume, and a :class:`RoundReport` handed to observers (progress
-bar, metrics files).
+simulation user needs around each round: replies in node order for Flower's
+strategies and as a stream for fedsim's (:mod:`fedsim.engine.replies`), timing,
+reply and failure counts, communication volume, and a :class:`RoundReport`
+handed to observers (progress bar, metrics files).
 
 Training may take several exchanges per round (BVR-L-SGD asks every worker for a
 gradient estimate, then one worker for its local model). Such a strategy has a
@@ -26,6 +27,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.checkpoint import RunCheckpoint
+from fedsim.engine.replies import StreamingGrid, in_node_order, streams_replies
 from fedsim.records import records_of
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -181,9 +183,37 @@ def _exchange(
     traffic: _Traffic,
     devices: _DeviceTimes,
     timeout: float | None,
+    *,
+    stream: bool,
+) -> Iterable[Message]:
+    """Send one exchange's messages and hand over its replies, counting both.
+
+    With ``stream`` (a :class:`~fedsim.engine.replies.StreamingStrategy`) on a grid
+    that streams, replies arrive one at a time as clients finish; otherwise they
+    come as Flower's strategies expect them, a list in node order, which makes
+    order-sensitive aggregations give the same model on every grid.
+    """
+    if stream and isinstance(grid, StreamingGrid):
+        return _streamed(grid, messages, traffic, devices, timeout)
+    sent = list(traffic.sent(messages))
+    replies = in_node_order(sent, grid.send_and_receive(sent, timeout=timeout))
+    counted = list(traffic.received(replies))
+    _exchange_done(traffic, devices)
+    return counted
+
+
+def _streamed(
+    grid: StreamingGrid,
+    messages: Iterable[Message],
+    traffic: _Traffic,
+    devices: _DeviceTimes,
+    timeout: float | None,
 ) -> Iterator[Message]:
-    """Send one exchange's messages and stream its replies, counting both."""
-    yield from traffic.received(grid.send_and_receive(traffic.sent(messages), timeout=timeout))
+    yield from traffic.received(grid.stream_replies(traffic.sent(messages), timeout=timeout))
+    _exchange_done(traffic, devices)
+
+
+def _exchange_done(traffic: _Traffic, devices: _DeviceTimes) -> None:
     if traffic.last_exchange_size:  # an empty exchange leaves the grid's last timing as it was
         devices.add_last_exchange()
 
@@ -194,12 +224,14 @@ def _run_training(
     traffic: _Traffic,
     devices: _DeviceTimes,
     timeout: float | None,
+    *,
+    stream: bool,
 ) -> TrainResult:
     """Drive a :data:`TrainRound` to its end, one exchange at a time."""
     try:
         messages = next(rounds)
         while True:
-            replies = _exchange(grid, messages, traffic, devices, timeout)
+            replies = _exchange(grid, messages, traffic, devices, timeout, stream=stream)
             messages = rounds.send(replies)
             for _ in replies:  # replies the strategy left unread still count
                 pass
@@ -235,6 +267,7 @@ def run_rounds(
         result = evaluate_fn(round_, arrays) if (evaluate_fn and due) else None
         return _floats(result)
 
+    stream = streams_replies(strategy)
     saved = checkpoint.restore(strategy, grid) if checkpoint is not None else None
     if saved is None:
         arrays, first_round = initial_arrays, 1
@@ -253,6 +286,7 @@ def run_rounds(
             traffic,
             devices,
             timeout,
+            stream=stream,
         )
         arrays = new_arrays if new_arrays is not None else arrays
         evaluate_replies = _exchange(
@@ -261,6 +295,7 @@ def run_rounds(
             traffic,
             devices,
             timeout,
+            stream=stream,
         )
         evaluate_metrics = strategy.aggregate_evaluate(round_, evaluate_replies)
         for _ in evaluate_replies:

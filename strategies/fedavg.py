@@ -42,6 +42,10 @@ class FedAvg(FlowerFedAvg):
     streaming mean as arrays) plus ``seed``.
     """
 
+    #: The float64 running mean reads each reply once and does not depend on their
+    #: order, so fedsim's loop hands replies over as they arrive (``fedsim.engine.replies``).
+    streams_replies = True
+
     def __init__(self, *, seed: int = 0, **flower_kwargs: object) -> None:
         super().__init__(**flower_kwargs)  # type: ignore[arg-type]
         self.seed = seed

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.checkpoint import Stateful
+from fedsim.engine.replies import streams_replies
 from fedsim.loop import RoundReport, TrainRound, run_rounds
 from fedsim.records import get_record, records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
@@ -116,6 +117,11 @@ class WrapsStrategy(RunsItsOwnRounds, Strategy):
     """
 
     strategy: Strategy
+
+    @property
+    def streams_replies(self) -> bool:
+        """Stream replies when the inner strategy does: it aggregates federated evaluation."""
+        return streams_replies(self.strategy)
 
     @property
     def weight_key(self) -> str:

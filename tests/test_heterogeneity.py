@@ -363,8 +363,8 @@ def test_inner_error_replies_pass_through_uncounted() -> None:
 def test_replies_stream_and_timing_is_set_when_exhausted() -> None:
     calls: list[tuple[int, int]] = []
     grid = HeterogeneousGrid(InlineGrid(_counting_app(calls), num_nodes=5), Constant(), seed=0)
-    replies = grid.send_and_receive(_instructions(range(FIRST_NODE_ID, FIRST_NODE_ID + 5), 1))
-    next(iter(replies))
+    replies = grid.stream_replies(_instructions(range(FIRST_NODE_ID, FIRST_NODE_ID + 5), 1))
+    next(replies)
     assert len(calls) == 1 and grid.last_timing is None
     list(replies)
     assert len(calls) == 5 and grid.last_timing is not None and grid.last_timing.completed == 5

@@ -103,7 +103,7 @@ class ServerView(InlineGrid):
         self.drop = drop or {}
         self.replies: list[tuple[str, Message]] = []
 
-    def send_and_receive(
+    def stream_replies(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         for message in messages:
@@ -112,7 +112,7 @@ class ServerView(InlineGrid):
                 assign_message_id(message)
                 reply = error_reply(message, ErrorCode.NODE_UNAVAILABLE, "dropped out")
             else:
-                (reply,) = super().send_and_receive([message], timeout=timeout)
+                (reply,) = super().stream_replies([message], timeout=timeout)
             self.replies.append((kind, reply))
             yield reply
 

@@ -102,15 +102,15 @@ def test_messages_to_a_busy_node_wait_and_run_in_order(grid: ThreadedGrid) -> No
 
 
 def test_replies_stream_with_two_messages_per_worker_in_flight(grid: ThreadedGrid) -> None:
-    replies = grid.send_and_receive(_messages(grid, list(range(10))))
-    next(iter(replies))
+    replies = grid.stream_replies(_messages(grid, list(range(10))))
+    next(replies)
     time.sleep(0.3)  # the workers finish what they were given, then wait for the strategy
     assert len(_events) == 4
     assert len(list(replies)) == 9 and len(_events) == 10
 
 
 def test_a_strategy_that_stops_early_leaves_no_client_running(grid: ThreadedGrid) -> None:
-    replies = grid.send_and_receive(_messages(grid, list(range(10))))
+    replies = grid.stream_replies(_messages(grid, list(range(10))))
     next(replies)
     replies.close()
     started = len(_events)

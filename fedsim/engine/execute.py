@@ -5,10 +5,12 @@ import traceback
 from copy import copy
 from itertools import count
 
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
+from flwr.common.constant import ErrorCode, SType
 
+from fedsim.arrays import decode
 from fedsim.records import records_of
 
 _message_ids = count(1)
@@ -36,12 +38,17 @@ def isolated_content(content: RecordDict) -> RecordDict:
     return copy
 
 
-def run_client_app(client_app: ClientApp, message: Message, context: Context) -> Message:
+def run_client_app(
+    client_app: ClientApp, message: Message, context: Context, *, check_finite_arrays: bool = True
+) -> Message:
     """Execute ``message`` on ``client_app``; never raise.
 
     Whatever goes wrong in a client (an exception, a reply to the wrong message, a
-    non-finite metric) comes back as an error reply, which strategies count and skip,
-    so a faulty client can neither crash the run nor poison the global model.
+    non-finite metric or, with ``check_finite_arrays``, a NaN or Inf in its arrays)
+    comes back as an error reply, which strategies count and skip, so a faulty
+    client can neither crash the run nor poison the global model. Flower's runtimes
+    pass arrays through unchecked, and one NaN update turns the model of every
+    Flower strategy into NaN; the check costs one pass over each reply.
     """
     # ``metadata=`` is Flower's internal constructor path (not in its typed overloads);
     # it keeps the instruction's ids so the client's reply points back at it.
@@ -60,9 +67,15 @@ def run_client_app(client_app: ClientApp, message: Message, context: Context) ->
             "ClientApp replied to another message; build replies with Message(..., reply_to=msg)"
         )
         return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
-    if reply.has_content() and (bad := _non_finite_metric(reply.content)):
+    if not reply.has_content():
+        return reply
+    if bad := _non_finite_metric(reply.content):
         return error_reply(
             message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"non-finite metric {bad!r}"
+        )
+    if check_finite_arrays and (bad := _non_finite_array(reply.content)):
+        return error_reply(
+            message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"non-finite values in array {bad}"
         )
     return reply
 
@@ -84,4 +97,20 @@ def _non_finite_metric(content: RecordDict) -> str | None:
             values = value if isinstance(value, list) else [value]
             if any(isinstance(v, float) and not math.isfinite(v) for v in values):
                 return name
+    return None
+
+
+def _non_finite_array(content: RecordDict) -> str | None:
+    """Name the first array (``record/entry``) holding a NaN or an Inf, if any.
+
+    Only NumPy payloads are read: raw bytes (a serialized XGBoost model, say) have
+    no floats to check.
+    """
+    for record_name, record in records_of(content, ArrayRecord).items():
+        for name, array in record.items():
+            if array.stype != SType.NUMPY:
+                continue
+            values = decode(array)
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return f"{record_name}/{name}"
     return None

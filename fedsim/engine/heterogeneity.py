@@ -31,6 +31,7 @@ from fedsim import keys
 from fedsim.checkpoint import Stateful
 from fedsim.engine.devices import DeviceProfile, ProfileSource, array_bytes, simulated_seconds
 from fedsim.engine.execute import assign_message_id, error_reply
+from fedsim.engine.replies import StreamingGrid, in_node_order
 from fedsim.records import records_of
 from fedsim.seeding import numpy_rng
 
@@ -81,8 +82,9 @@ class _Sent:
 class HeterogeneousGrid(Grid):
     """Wrap another engine's ``Grid``: devices go offline, run slower or faster, miss the deadline.
 
-    Heterogeneity applies to ``send_and_receive``, the path Flower's strategies
-    use; ``push_messages`` / ``pull_messages`` go straight to the inner grid.
+    Heterogeneity applies to ``send_and_receive`` and ``stream_replies`` (a list
+    in node order, or a stream, as on fedsim's engines); ``push_messages`` /
+    ``pull_messages`` go straight to the inner grid.
 
     Parameters
     ----------
@@ -124,6 +126,13 @@ class HeterogeneousGrid(Grid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Return :meth:`stream_replies` as a list in node order (Flower's contract)."""
+        sent = list(messages)
+        return in_node_order(sent, self.stream_replies(sent, timeout=timeout))
+
+    def stream_replies(
+        self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         """Send ``messages`` to the reachable devices and stream the replies.
 
@@ -148,7 +157,13 @@ class HeterogeneousGrid(Grid):
                 yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "device offline this round")
         if waiting:
             reachable = [sent.message for queue in waiting.values() for sent in queue]
-            for reply in self.inner.send_and_receive(reachable, timeout=timeout):
+            inner = self.inner
+            replies = (
+                inner.stream_replies(reachable, timeout=timeout)
+                if isinstance(inner, StreamingGrid)
+                else inner.send_and_receive(reachable, timeout=timeout)
+            )
+            for reply in replies:
                 yield self._judge(reply, waiting, tally)
         simulated_s = self._round_end(tally)
         self.last_timing = RoundTiming(

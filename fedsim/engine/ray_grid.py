@@ -110,13 +110,16 @@ def batch_size(queued: int, num_actors: int, payload_bytes: int) -> int:
 class _NodeActor:
     """A Ray actor that runs messages on its own copy of the ClientApp."""
 
-    def __init__(self, client_app: ClientApp, num_threads: int, uses_gpu: bool) -> None:
+    def __init__(
+        self, client_app: ClientApp, num_threads: int, uses_gpu: bool, check_finite_arrays: bool
+    ) -> None:
         if not uses_gpu:
             # A CPU-only actor must not grab a GPU through device "auto"; hiding them
             # here (before CUDA initializes) holds whatever Ray's default is.
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
         torch.set_num_threads(num_threads)
         self._client_app = client_app
+        self._check_finite_arrays = check_finite_arrays
         self._content_ref: ray.ObjectRef | None = None
         self._content = RecordDict()
 
@@ -140,7 +143,9 @@ class _NodeActor:
             # reply points back at it on the driver.
             message = Message(content=shared, metadata=metadata)  # type: ignore[call-overload]
             start = time.perf_counter()
-            reply = run_client_app(self._client_app, message, context)
+            reply = run_client_app(
+                self._client_app, message, context, check_finite_arrays=self._check_finite_arrays
+            )
             results.append((reply, context.state, time.perf_counter() - start))
         return results
 
@@ -173,6 +178,8 @@ class RayGrid(SimulatedGrid):
     address
         ``None`` starts a local Ray instance (unless one is running); ``"auto"`` or
         ``"ray://host:port"`` joins an existing cluster.
+    run_id, check_finite_arrays
+        As for :class:`fedsim.engine.InlineGrid`.
     """
 
     def __init__(
@@ -184,9 +191,15 @@ class RayGrid(SimulatedGrid):
         resources: RayResources | None = None,
         address: str | None = None,
         run_id: int = 1,
+        check_finite_arrays: bool = True,
     ) -> None:
         start = time.perf_counter()
-        super().__init__(num_nodes=num_nodes, run_config=run_config, run_id=run_id)
+        super().__init__(
+            num_nodes=num_nodes,
+            run_config=run_config,
+            run_id=run_id,
+            check_finite_arrays=check_finite_arrays,
+        )
         self.resources = resources or RayResources()
         self._client_app = client_app
         self._owns_ray = not ray.is_initialized()
@@ -209,7 +222,10 @@ class RayGrid(SimulatedGrid):
             num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus
         )
         return actor_class.remote(
-            self._client_app, threads_for(self.resources.num_cpus), self.resources.num_gpus > 0
+            self._client_app,
+            threads_for(self.resources.num_cpus),
+            self.resources.num_gpus > 0,
+            self.check_finite_arrays,
         )
 
     @property
@@ -217,15 +233,11 @@ class RayGrid(SimulatedGrid):
         """Size of the actor pool."""
         return len(self._actors)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Not supported: this engine streams replies through ``send_and_receive``."""
-        raise NotImplementedError("RayGrid runs messages through send_and_receive only")
-
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Not supported: this engine streams replies through ``send_and_receive``."""
-        raise NotImplementedError("RayGrid runs messages through send_and_receive only")
+        """Run the pushed messages with these ids on the pool and return their replies."""
+        return list(_Exchange(self, self._take_pushed(message_ids)).run(deadline=None))
 
-    def send_and_receive(
+    def stream_replies(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         """Run the messages on the pool; yield replies as their batches finish.
@@ -269,15 +281,9 @@ class RayGrid(SimulatedGrid):
         if self._owns_ray:
             ray.shutdown()
 
-    def __enter__(self) -> "RayGrid":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
-
 
 class _Exchange:
-    """One ``send_and_receive`` call: the messages still queued and each actor's tasks.
+    """One exchange (``stream_replies``, ``pull_messages``): messages queued, each actor's tasks.
 
     Ray runs an actor's tasks one at a time, in the order they were submitted. When
     an actor dies with several tasks unfinished, which message killed it is

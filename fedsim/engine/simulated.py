@@ -1,7 +1,8 @@
 """What every fedsim engine shares: a run, a lazy population, Flower's bookkeeping."""
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Self
 
 from flwr.app import Message, RecordDict, UserConfig
 from flwr.serverapp import Grid
@@ -10,6 +11,7 @@ from flwr.supercore.run import Run
 from fedsim.engine.execute import assign_message_id
 from fedsim.engine.identity import claim_server_identity
 from fedsim.engine.nodes import NodeRegistry
+from fedsim.engine.replies import in_node_order
 
 
 class SimulatedGrid(Grid):
@@ -21,14 +23,56 @@ class SimulatedGrid(Grid):
     into simulated time. Engines sharing this base number nodes alike, which is
     what lets the same seed give the same model on every engine. Pushed messages
     wait here until their replies are pulled, when an engine runs them.
+
+    An engine implements :meth:`stream_replies` (replies as they arrive); the
+    Flower-standard :meth:`send_and_receive` is that stream as a list in node order
+    (see :mod:`fedsim.engine.replies`). Every engine is a context manager whose
+    exit calls :meth:`shutdown`.
+
+    ``check_finite_arrays`` turns a reply whose arrays hold a NaN or an Inf into an
+    error reply (see :func:`fedsim.engine.execute.run_client_app`).
     """
 
-    def __init__(self, *, num_nodes: int, run_config: UserConfig | None, run_id: int) -> None:
+    def __init__(
+        self,
+        *,
+        num_nodes: int,
+        run_config: UserConfig | None,
+        run_id: int,
+        check_finite_arrays: bool = True,
+    ) -> None:
         self._run = Run.create_empty(run_id)
         self.nodes = NodeRegistry(num_nodes, run_id=run_id, run_config=run_config or {})
         self.compute_seconds: dict[str, float] = {}
+        self.check_finite_arrays = check_finite_arrays
         self._pushed: dict[str, Message] = {}
         claim_server_identity(run_id)
+
+    @abstractmethod
+    def stream_replies(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Run the messages; yield one reply per message as it is ready.
+
+        ``timeout`` bounds the whole exchange: messages that have not started when
+        it expires get a ``NODE_UNAVAILABLE`` error reply instead of running.
+        """
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Run the messages; return every reply, as a list in node order (Flower's contract)."""
+        sent = list(messages)
+        return in_node_order(sent, self.stream_replies(sent, timeout=timeout))
+
+    def shutdown(self) -> None:
+        """Release what the engine holds (workers, actors); a no-op where it holds nothing."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def set_run(self, run: Run) -> None:
         """Adopt the run this grid serves."""

@@ -69,7 +69,7 @@ class ThreadedGrid(SimulatedGrid):
         Clients that run at once; ``None`` takes one per available CPU.
     threads_per_worker
         Torch intra-op threads of each worker.
-    run_config, run_id
+    run_config, run_id, check_finite_arrays
         As for :class:`fedsim.engine.InlineGrid`.
     """
 
@@ -82,6 +82,7 @@ class ThreadedGrid(SimulatedGrid):
         threads_per_worker: int = 1,
         run_config: UserConfig | None = None,
         run_id: int = 1,
+        check_finite_arrays: bool = True,
     ) -> None:
         num_workers = available_cpus() if num_workers is None else num_workers
         if num_workers < 1 or threads_per_worker < 1:
@@ -96,7 +97,12 @@ class ThreadedGrid(SimulatedGrid):
                 f"the threads engine copies the ClientApp into each worker, but it does not "
                 f"pickle: {exc}"
             ) from exc
-        super().__init__(num_nodes=num_nodes, run_config=run_config, run_id=run_id)
+        super().__init__(
+            num_nodes=num_nodes,
+            run_config=run_config,
+            run_id=run_id,
+            check_finite_arrays=check_finite_arrays,
+        )
         self.num_workers = num_workers
         self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="fedsim-worker")
         self._torch_threads = torch.get_num_threads()
@@ -106,7 +112,7 @@ class ThreadedGrid(SimulatedGrid):
         """Run the pushed messages with these ids on the workers and return their replies."""
         return list(self._exchange(deque(self._take_pushed(message_ids)), deadline=None))
 
-    def send_and_receive(
+    def stream_replies(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         """Run the messages on the workers; yield each reply as it is ready.
@@ -125,12 +131,6 @@ class ThreadedGrid(SimulatedGrid):
         """Stop the workers (after their running clients) and restore torch's threads."""
         self._pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(self._torch_threads)
-
-    def __enter__(self) -> "ThreadedGrid":
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.shutdown()
 
     def _exchange(self, queued: deque[Message], deadline: float | None) -> Iterator[Message]:
         self.compute_seconds = {}
@@ -187,5 +187,7 @@ class ThreadedGrid(SimulatedGrid):
         if getattr(_worker, "app", None) is None:
             _worker.app = cloudpickle.loads(self._app_bytes)
         start = time.perf_counter()
-        reply = run_client_app(_worker.app, message, context)
+        reply = run_client_app(
+            _worker.app, message, context, check_finite_arrays=self.check_finite_arrays
+        )
         return reply, time.perf_counter() - start
