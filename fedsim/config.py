@@ -132,7 +132,13 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """What executes the clients."""
+    """What executes the clients.
+
+    ``check_finite_arrays`` turns a reply whose arrays hold a NaN or an Inf into an
+    error reply (fedsim's engines; Flower's runtimes pass them on). ``torch_threads``
+    is the inline engine's torch thread count (0: torch's default, one per core);
+    the threads and Ray engines take theirs from ``num_cpus_per_client``.
+    """
 
     name: Literal["inline", "threads", "ray", "flower"] = "inline"
     timeout_s: float = _positive(3600.0)
@@ -143,6 +149,8 @@ class EngineConfig:
     num_actors: int = _at_least(0, 0)
     address: str = ""
     pin_malloc: bool = True
+    check_finite_arrays: bool = True
+    torch_threads: int = _at_least(0, 0)
 
     @property
     def ray_address(self) -> str | None:

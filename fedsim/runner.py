@@ -24,12 +24,14 @@ def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]
         return _run_on_ray(config, resume=resume)
     if config.engine.name == "threads":
         return _run_on_threads(config, resume=resume)
-    grid = InlineGrid(
+    with InlineGrid(
         make_client_app(build_task(config), client_mods(config)),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
-    )
-    return run_on_grid(config, grid, engine="inline", resume=resume)
+        torch_threads=config.engine.torch_threads or None,
+        check_finite_arrays=config.engine.check_finite_arrays,
+    ) as grid:
+        return run_on_grid(config, grid, engine="inline", resume=resume)
 
 
 def _run_on_threads(config: RunConfig, *, resume: bool) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def _run_on_threads(config: RunConfig, *, resume: bool) -> dict[str, Any]:
         num_workers=workers,
         threads_per_worker=threads_for(engine.num_cpus_per_client),
         run_config=flatten(config),
+        check_finite_arrays=engine.check_finite_arrays,
     ) as grid:
         return run_on_grid(config, grid, engine="threads", resume=resume, workers=workers)
 
@@ -65,6 +68,7 @@ def _run_on_ray(config: RunConfig, *, resume: bool) -> dict[str, Any]:
         run_config=flatten(config),
         resources=resources,
         address=engine.ray_address,
+        check_finite_arrays=engine.check_finite_arrays,
     ) as grid:
         return run_on_grid(
             config, grid, engine="ray", resume=resume, ray_startup_s=round(grid.startup_s, 3),

@@ -73,7 +73,7 @@ def run_client_app(
         return error_reply(
             message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"non-finite metric {bad!r}"
         )
-    if check_finite_arrays and (bad := _non_finite_array(reply.content)):
+    if check_finite_arrays and (bad := non_finite_array(reply.content)):
         return error_reply(
             message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"non-finite values in array {bad}"
         )
@@ -100,7 +100,7 @@ def _non_finite_metric(content: RecordDict) -> str | None:
     return None
 
 
-def _non_finite_array(content: RecordDict) -> str | None:
+def non_finite_array(content: RecordDict) -> str | None:
     """Name the first array (``record/entry``) holding a NaN or an Inf, if any.
 
     Only NumPy payloads are read: raw bytes (a serialized XGBoost model, say) have
