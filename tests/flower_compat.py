@@ -32,7 +32,7 @@ FEATURES = 5
 STEPS, LR = 5, 0.1
 
 
-def _partition(partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+def partition_data(partition_id: int) -> tuple[np.ndarray, np.ndarray]:
     """A partition of unequal size: ``y = X w + noise`` with a partition-specific shift."""
     rng = np.random.default_rng(1000 + partition_id)
     x = rng.normal(size=(10 + 3 * partition_id, FEATURES)).astype(np.float32)
@@ -75,7 +75,7 @@ app = ClientApp()
 @app.train(mods=[clipping_mods])
 def train(message: Message, context: Context) -> Message:
     """Take ``STEPS`` gradient steps from the server's model on this partition."""
-    x, y = _partition(int(context.node_config["partition-id"]))
+    x, y = partition_data(int(context.node_config["partition-id"]))
     arrays = message.content["arrays"]
     if "w" not in arrays:  # XGBoost: a tree whose leaf is this partition's mean
         model = ArrayRecord([np.frombuffer(_booster(float(y.mean())), dtype=np.uint8)])
@@ -96,7 +96,7 @@ def train(message: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Report the server model's loss on this partition."""
-    x, y = _partition(int(context.node_config["partition-id"]))
+    x, y = partition_data(int(context.node_config["partition-id"]))
     arrays = message.content["arrays"]
     loss = _loss(arrays["w"].numpy(), arrays["b"].numpy(), x, y) if "w" in arrays else 0.0
     metrics = MetricRecord({"num-examples": len(x), "eval_loss": loss})

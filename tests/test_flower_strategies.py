@@ -7,6 +7,7 @@ hand-written Message-API ClientApp and every ``Strategy`` subclass that
 
 import inspect
 import json
+import random
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,7 +20,16 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import strategy as flower
 
 from fedsim.engine import InlineGrid, RayGrid, RayResources, SimulatedGrid, ThreadedGrid
-from tests.flower_compat import NUM_NODES, STRATEGIES, _partition, app, run_strategy
+from fedsim.loop import run_rounds
+from tests.flower_compat import (
+    NUM_NODES,
+    NUM_ROUNDS,
+    STRATEGIES,
+    partition_data,
+    app,
+    initial_arrays,
+    run_strategy,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GridFactory = Callable[[ClientApp], SimulatedGrid]
@@ -116,7 +126,7 @@ def test_flowers_run_simulation_agrees_within_float32_rounding(
     )
     assert done.returncode == 0 and out.exists(), done.stderr[-3000:]
     saved = np.load(out)
-    partition_means = {round(float(_partition(p)[1].mean()), 6) for p in range(NUM_NODES)}
+    partition_means = {round(float(partition_data(p)[1].mean()), 6) for p in range(NUM_NODES)}
     for name, arrays in inline_finals.items():
         theirs = [saved[f"{name}/{index}"] for index in range(len(arrays))]
         if name == "FedXgbBagging":
@@ -171,3 +181,20 @@ def test_the_finite_check_can_be_switched_off() -> None:
         content = RecordDict({"arrays": ArrayRecord(), "config": ConfigRecord()})
         replies = grid.send_and_receive([Message(content, grid.get_node_ids()[0], "train")])
     assert np.isnan(replies[0].content["arrays"]["w"].numpy()).all()
+
+
+@pytest.mark.parametrize("name", ["FedAdam", "DifferentialPrivacyServerSideAdaptiveClipping"])
+def test_fedsims_loop_drives_flowers_strategies_to_what_flowers_start_does(
+    name: str, inline_finals: dict[str, list[np.ndarray]]
+) -> None:
+    with IN_PROCESS["threads"](app) as grid:
+        random.seed(0)
+        np.random.seed(0)
+        final = run_rounds(
+            strategy=STRATEGIES[name](),
+            grid=grid,
+            initial_arrays=initial_arrays(name),
+            num_rounds=NUM_ROUNDS,
+            train_config=ConfigRecord({"dp-adaptive": "Adaptive" in name}),
+        )
+    _assert_bit_identical({name: [a.numpy() for a in final.values()]}, inline_finals)
