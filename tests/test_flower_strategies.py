@@ -25,9 +25,9 @@ from tests.flower_compat import (
     NUM_NODES,
     NUM_ROUNDS,
     STRATEGIES,
-    partition_data,
     app,
     initial_arrays,
+    partition_data,
     run_strategy,
 )
 
