@@ -3,6 +3,7 @@
 #
 #   experiments/flwr_run_local.sh                      # pyproject's [tool.flwr.app.config]
 #   experiments/flwr_run_local.sh "rounds=5 client.lr=0.05"   # --run-config overrides
+#   experiments/flwr_run_local.sh "overwrite=true"   # replace the run already in runs/flwr-run/
 #
 # We start the SuperLink ourselves, with --disable-runtime-dependency-installation:
 # the SuperLink that `flwr run` starts on its own installs the app's dependencies

@@ -3,7 +3,8 @@
 ``client_app`` and ``server_app`` read fedsim's config from Flower's
 ``run_config`` (``[tool.flwr.app.config]`` in ``pyproject.toml``, or
 ``flwr run . --run-config "rounds=5 data.num_clients=20"``), so
-``flwr run`` starts the very run that ``fedsim run`` would.
+``flwr run`` starts the very run that ``fedsim run`` would. ``flwr run`` has no
+``--overwrite`` flag: the run-config key ``overwrite = true`` stands in for it.
 """
 
 from collections.abc import Callable
@@ -16,15 +17,26 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsim.clients import GradientClient
 from fedsim.clients import client_app as routed_client_app
-from fedsim.config import RunConfig, parse_config, unflatten
+from fedsim.config import ConfigError, RunConfig, parse_config, unflatten
 from fedsim.experiment import build_task, client_mods, run_on_grid
 
 ConfigResolver = Callable[[Context], RunConfig]
+# The run-config key that replaces a run folder's results, as `fedsim run --overwrite`
+# does: what to do with a folder, not part of the run, so not in RunConfig.
+OVERWRITE = "overwrite"
 
 
 def config_from_run_config(run_config: UserConfig) -> RunConfig:
     """Parse Flower's flat ``run_config`` (dotted keys) into a :class:`RunConfig`."""
-    return parse_config(unflatten(run_config))
+    return parse_config(unflatten({k: v for k, v in run_config.items() if k != OVERWRITE}))
+
+
+def overwrite_of(run_config: UserConfig) -> bool:
+    """Return the run config's ``overwrite`` (default false); ``ConfigError`` unless a bool."""
+    value = run_config.get(OVERWRITE, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{OVERWRITE} = {value!r} has the wrong type; expected true or false")
+    return value
 
 
 @lru_cache(maxsize=4)
@@ -56,14 +68,29 @@ def _chained(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
 
 
 def server_app_for(
-    resolve: ConfigResolver, *, engine: str, summaries: list | None = None, resume: bool = False
+    resolve: ConfigResolver,
+    *,
+    engine: str,
+    summaries: list | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> ServerApp:
-    """Build a ServerApp that runs the resolved config on whatever grid Flower provides."""
+    """Build a ServerApp that runs the resolved config on whatever grid Flower provides.
+
+    The run replaces its folder's results if ``overwrite`` or the run config's
+    ``overwrite`` key says so (see :func:`fedsim.experiment.run_on_grid`).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_on_grid(resolve(context), grid, engine=engine, resume=resume)
+        summary = run_on_grid(
+            resolve(context),
+            grid,
+            engine=engine,
+            resume=resume,
+            overwrite=overwrite or overwrite_of(context.run_config),
+        )
         if summaries is not None:
             summaries.append(summary)
 

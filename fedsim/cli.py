@@ -1,11 +1,13 @@
 """``fedsim run CONFIG.toml [--set key=value ...]``: the command-line edge.
 
-Bad input ends in one line naming the problem (exit 2); a failing run ends in
-one line pointing at its partial results (exit 1), with ``--debug`` for the
-traceback.
+Bad input ends in one line naming the problem (exit 2), and so does a run folder
+that already holds a run (unless ``--resume`` or ``--overwrite``); a failing run
+ends in one line pointing at its partial results (exit 1), with ``--debug`` for
+the traceback.
 """
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -25,10 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         config = load_config(args.config, args.set)
-        if args.resume:
-            from fedsim.results import check_resumable
+        from fedsim.results import check_run_folder
 
-            check_resumable(config)
+        check_run_folder(config, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
@@ -37,15 +38,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(console, verbose=args.verbose)
 
     try:
-        summary = run_experiment(config, resume=args.resume)
+        summary = run_experiment(config, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        console.print(f"fedsim: interrupted; results so far are in {config.run_dir}/")
+        console.print(f"fedsim: interrupted{_results_so_far(config)}")
         return EXIT_INTERRUPTED
     except Exception as exc:  # noqa: BLE001 - the edge turns any failure into one line
         if args.debug:
             raise
-        partial = (config.run_dir / "metrics.jsonl").exists()
-        where = f"; results so far are in {config.run_dir}/" if partial else ""
+        where = _results_so_far(config)
         console.print(
             f"[red]fedsim: run failed:[/red] {type(exc).__name__}: {exc}{where} "
             "(rerun with --debug for the traceback)",
@@ -55,6 +55,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     _print_summary(console, config, summary)
     return 0
+
+
+def _results_so_far(config: RunConfig) -> str:
+    """Point at the run folder when its summary says that the run there stopped early.
+
+    A run that stopped before its first round ended wrote nothing: the folder then
+    holds no summary, or the previous run's (pointed at only if it stopped early too).
+    """
+    from fedsim.results import SUMMARY_FILE
+
+    try:
+        status = json.loads((config.run_dir / SUMMARY_FILE).read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return "" if status == "completed" else f"; results so far are in {config.run_dir}/"
 
 
 def _configure_logging(console: Console, *, verbose: bool) -> None:
@@ -84,6 +99,11 @@ def _parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue the run from its last checkpoint (rounds may be raised to extend it)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the run folder, once the new run has started",
     )
     run.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
     run.add_argument("--debug", action="store_true", help="show the traceback when a run fails")

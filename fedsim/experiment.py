@@ -27,7 +27,7 @@ from fedsim.data import FederatedData, build_federated_data
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.models import model_factory
 from fedsim.progress import ProgressBar
-from fedsim.results import RunRecorder, check_resumable, checkpoint_of
+from fedsim.results import MODEL_FILE, RunRecorder, check_run_folder, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
 
@@ -218,21 +218,28 @@ def with_devices(devices: DevicesConfig, grid: Grid, *, seed: int) -> Grid:
 
 
 def run_on_grid(
-    config: RunConfig, grid: Grid, *, engine: str, resume: bool = False, **engine_info: Any
+    config: RunConfig,
+    grid: Grid,
+    *,
+    engine: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    **engine_info: Any,
 ) -> dict[str, Any]:
     """Run ``config`` on ``grid`` with progress and result files; return the summary.
 
-    The summary and metrics are written even when the run fails or is
-    interrupted, with ``status`` saying so, and a checkpoint after every
+    A folder that already holds a run is refused before any work unless
+    ``overwrite`` (or ``resume``), and touched only once the run's first round has
+    ended (:class:`RunRecorder`): a run that fails to start leaves it as it was.
+    From then on the summary and metrics are written even when the run fails or
+    is interrupted, with ``status`` saying so, and a checkpoint after every
     ``checkpoint_every`` rounds lets ``resume=True`` continue from the last one.
     ``engine_info`` (e.g. Ray's start-up time) goes into the summary.
     """
+    resume_after = check_run_folder(config, resume=resume, overwrite=overwrite)
     task = build_task(config)
     grid = with_devices(config.devices, grid, seed=config.seed)
-    checkpoint = checkpoint_of(config)
-    resume_after = check_resumable(config) if resume else None
-    if checkpoint is not None and not resume:
-        checkpoint.path.unlink(missing_ok=True)  # a fresh run must not continue an old one
+    checkpoint = checkpoint_of(config, resume=resume)
     recorder = RunRecorder(config, resume_after=resume_after)
     status = "failed"
     arrays = None
@@ -264,5 +271,5 @@ def run_on_grid(
     finally:
         summary = recorder.finish(status, engine=engine, **engine_info)
     if arrays is not None:
-        torch.save(arrays.to_torch_state_dict(), config.run_dir / "model.pt")
+        torch.save(arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
     return summary

@@ -2,14 +2,16 @@
 
 ``metrics.jsonl`` gets one line per round as soon as the round ends (flushed),
 so a run that crashes or is interrupted keeps everything it computed; the
-summary says how the run ended.
+summary says how the run ended. A run folder's results are never replaced by
+accident: a new run refuses a folder that holds one unless told to overwrite it,
+and even then touches nothing until its first round has ended.
 """
 
 import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from fedsim.checkpoint import RunCheckpoint
 from fedsim.config import ConfigError, RunConfig
@@ -20,15 +22,57 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.json"
 PLOT_FILE = "metrics.png"
 CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+# fedsim's own files in a run folder: any one of them means the folder holds a run,
+# and replacing a run removes exactly these (a user's own files there stay).
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, PLOT_FILE, MODEL_FILE, CHECKPOINT_FILE)
 # Settings a resumed run may change: how long it runs and how it shows progress.
 _RESUMABLE_CHANGES = {"rounds", "progress", "plot"}
 
 
-def checkpoint_of(config: RunConfig) -> RunCheckpoint | None:
-    """Return the run's checkpoint file, or ``None`` when checkpoints are off."""
+class _NewRunCheckpoint(RunCheckpoint):
+    """A new run's checkpoint: saved like any other, never restored.
+
+    Until the new run's first round ends, its folder still holds the run it
+    replaces, checkpoint included, which it must not continue.
+    """
+
+    def restore(self, strategy: object, grid: object) -> None:
+        """Restore nothing: a new run starts from round 0."""
+
+
+def checkpoint_of(config: RunConfig, *, resume: bool) -> RunCheckpoint | None:
+    """Return the run's checkpoint file (``resume``: one it continues), or ``None`` when off."""
     if not config.checkpoint_every:
         return None
-    return RunCheckpoint(config.run_dir / CHECKPOINT_FILE, every=config.checkpoint_every)
+    kind = RunCheckpoint if resume else _NewRunCheckpoint
+    return kind(config.run_dir / CHECKPOINT_FILE, every=config.checkpoint_every)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Return whether ``run_dir`` holds a run: any of ``RUN_FILES``, even a partial one."""
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def check_run_folder(config: RunConfig, *, resume: bool, overwrite: bool) -> int | None:
+    """Return the round a resumed run continues after (``None``: a new run), or raise.
+
+    A new run stops with ``ConfigError`` before any work when its folder already
+    holds a run (:func:`holds_run`), unless ``overwrite``: finished results are
+    replaced only when asked. ``resume`` checks the saved run (:func:`check_resumable`).
+    """
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume and --overwrite exclude each other: continue a run or replace it"
+        )
+    if resume:
+        return check_resumable(config)
+    if not overwrite and holds_run(config.run_dir):
+        raise ConfigError(
+            f"{config.run_dir}/ already holds a run; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    return None
 
 
 def check_resumable(config: RunConfig) -> int:
@@ -37,7 +81,7 @@ def check_resumable(config: RunConfig) -> int:
     The saved run must have the same settings (``rounds`` may grow: a resumed run
     can also extend a finished one).
     """
-    checkpoint = checkpoint_of(config)
+    checkpoint = checkpoint_of(config, resume=True)
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is None:
         raise ConfigError(f"nothing to resume: no {CHECKPOINT_FILE} in {config.run_dir}/")
@@ -61,34 +105,56 @@ def check_resumable(config: RunConfig) -> int:
 
 
 class RunRecorder:
-    """Write ``runs/<name>/``: config.json, metrics.jsonl, summary.json, metrics.png."""
+    """Write ``runs/<name>/``: config.json, metrics.jsonl, summary.json, metrics.png.
+
+    Nothing is written until the run's first new round has ended (round 0, the
+    initial model's evaluation, is held in memory): a run that fails to start (bad
+    data, an engine that cannot run a round) leaves its folder as it was. Then a
+    new run removes the previous run's ``RUN_FILES`` (other files stay), and a
+    resumed one drops the rounds after its checkpoint.
+    """
 
     def __init__(self, config: RunConfig, *, resume_after: int | None = None) -> None:
         self.config = config
         self.run_dir = config.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+        self._resume_after = resume_after
         self.rows: list[dict[str, Any]] = []
         if resume_after is not None:
             # Rounds after the checkpoint (the interrupted one's partial work) are dropped.
             with (self.run_dir / METRICS_FILE).open() as lines:
                 rows = [json.loads(line) for line in lines if line.strip()]
             self.rows = [row for row in rows if row["round"] <= resume_after]
-        self._metrics = (self.run_dir / METRICS_FILE).open("w")
-        for row in self.rows:
-            self._metrics.write(json.dumps(row) + "\n")
+        self._metrics: TextIO | None = None  # open once the run has started
         self._started = time.perf_counter()
 
     def on_round(self, report: RoundReport) -> None:
-        """Append the round's row to ``metrics.jsonl`` and flush it."""
+        """Keep the round's row; once the run has started, append it to ``metrics.jsonl``."""
         row = report.as_row()
         self.rows.append(row)
-        self._metrics.write(json.dumps(row) + "\n")
+        if self._metrics is None:
+            if report.round == 0:  # the initial model's evaluation: the grid has run nothing yet
+                return
+            self._metrics = self._take_folder()  # every row so far, this one included
+        else:
+            self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
 
+    def _take_folder(self) -> TextIO:
+        """Make the folder this run's; return its metrics file, holding every row so far."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._resume_after is None:
+            for name in RUN_FILES:
+                (self.run_dir / name).unlink(missing_ok=True)
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        metrics = (self.run_dir / METRICS_FILE).open("w")
+        metrics.writelines(json.dumps(row) + "\n" for row in self.rows)
+        return metrics
+
     def finish(self, status: str, **extra: Any) -> dict[str, Any]:
-        """Close the metrics file, write the summary (and plot); return the summary."""
-        self._metrics.close()
+        """Close the metrics file, write the summary (and plot); return the summary.
+
+        A run that never started writes nothing: its folder stays as it was.
+        """
         last_central: dict[str, Any] = next(
             (r for r in reversed(self.rows) if "central_accuracy" in r), {}
         )
@@ -105,20 +171,26 @@ class RunRecorder:
             "unavailable": sum(int(r.get("unavailable", 0)) for r in self.rows),
             "late": sum(int(r.get("late", 0)) for r in self.rows),
             "simulated_time_s": _total(r.get("simulated_s") for r in self.rows),
-            "epsilon": next(
-                (r["privacy_epsilon"] for r in reversed(self.rows) if "privacy_epsilon" in r), None
-            ),
-            "delta": next(
-                (r["privacy_delta"] for r in reversed(self.rows) if "privacy_delta" in r), None
-            ),
+            "epsilon": _last(self.rows, "privacy_epsilon"),
+            "delta": _last(self.rows, "privacy_delta"),
+            "dp_epsilon": _last(self.rows, "train_dp-epsilon"),
+            "ldp_epsilon": _last(self.rows, "train_ldp-epsilon"),
             "wall_time_s": round(time.perf_counter() - self._started, 3),
             "seed": self.config.seed,
             **extra,
         }
+        if self._metrics is None:
+            return summary
+        self._metrics.close()
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if self.config.plot and self.rows:
             plot_metrics(self.rows, self.run_dir / PLOT_FILE, title=self.config.name)
         return summary
+
+
+def _last(rows: list[dict[str, Any]], column: str) -> Any:
+    """Return the last round's value of ``column``, or ``None`` if no round has it."""
+    return next((r[column] for r in reversed(rows) if column in r), None)
 
 
 def _total(values: Any) -> float | None:

@@ -8,22 +8,28 @@ from fedsim.config import RunConfig, flatten
 from fedsim.engine import InlineGrid
 from fedsim.engine.simulated import threads_for
 from fedsim.experiment import build_task, client_mods, run_on_grid
+from fedsim.results import check_run_folder
 
 
-def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_experiment(
+    config: RunConfig, *, resume: bool = False, overwrite: bool = False
+) -> dict[str, Any]:
     """Run ``config`` to the end and return its summary (also in ``runs/<name>/``).
 
-    ``resume`` continues the run from its last checkpoint. Unless the config says
-    otherwise, glibc's malloc thresholds are fixed first (``fedsim.allocator``).
+    ``resume`` continues the run from its last checkpoint; ``overwrite`` replaces
+    the run its folder holds, which is otherwise refused (``ConfigError``) before
+    any engine starts. Unless the config says otherwise, glibc's malloc thresholds
+    are fixed first (``fedsim.allocator``).
     """
+    check_run_folder(config, resume=resume, overwrite=overwrite)
     if config.engine.pin_malloc:
         pin_malloc_thresholds()
     if config.engine.name == "flower":
-        return _run_on_flower_simulation(config, resume=resume)
+        return _run_on_flower_simulation(config, resume=resume, overwrite=overwrite)
     if config.engine.name == "ray":
-        return _run_on_ray(config, resume=resume)
+        return _run_on_ray(config, resume=resume, overwrite=overwrite)
     if config.engine.name == "threads":
-        return _run_on_threads(config, resume=resume)
+        return _run_on_threads(config, resume=resume, overwrite=overwrite)
     with InlineGrid(
         make_client_app(build_task(config), client_mods(config)),
         num_nodes=config.data.num_clients,
@@ -31,10 +37,10 @@ def run_experiment(config: RunConfig, *, resume: bool = False) -> dict[str, Any]
         torch_threads=config.engine.torch_threads or None,
         check_finite_arrays=config.engine.check_finite_arrays,
     ) as grid:
-        return run_on_grid(config, grid, engine="inline", resume=resume)
+        return run_on_grid(config, grid, engine="inline", resume=resume, overwrite=overwrite)
 
 
-def _run_on_threads(config: RunConfig, *, resume: bool) -> dict[str, Any]:
+def _run_on_threads(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     """Run on worker threads of this process, sized like Ray actors from the CPU share."""
     from fedsim.engine.threaded import ThreadedGrid, available_cpus
 
@@ -48,10 +54,12 @@ def _run_on_threads(config: RunConfig, *, resume: bool) -> dict[str, Any]:
         run_config=flatten(config),
         check_finite_arrays=engine.check_finite_arrays,
     ) as grid:
-        return run_on_grid(config, grid, engine="threads", resume=resume, workers=workers)
+        return run_on_grid(
+            config, grid, engine="threads", resume=resume, overwrite=overwrite, workers=workers
+        )
 
 
-def _run_on_ray(config: RunConfig, *, resume: bool) -> dict[str, Any]:
+def _run_on_ray(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any]:
     """Run on fedsim's Ray engine; each actor builds the task from the config itself."""
     from fedsim.app import client_app_for
     from fedsim.engine.ray_grid import RayGrid, RayResources
@@ -71,12 +79,14 @@ def _run_on_ray(config: RunConfig, *, resume: bool) -> dict[str, Any]:
         check_finite_arrays=engine.check_finite_arrays,
     ) as grid:
         return run_on_grid(
-            config, grid, engine="ray", resume=resume, ray_startup_s=round(grid.startup_s, 3),
-            ray_actors=grid.num_actors,
+            config, grid, engine="ray", resume=resume, overwrite=overwrite,
+            ray_startup_s=round(grid.startup_s, 3), ray_actors=grid.num_actors,
         )  # fmt: skip
 
 
-def _run_on_flower_simulation(config: RunConfig, *, resume: bool) -> dict[str, Any]:
+def _run_on_flower_simulation(
+    config: RunConfig, *, resume: bool, overwrite: bool
+) -> dict[str, Any]:
     """Run under Flower's own ``run_simulation`` (Ray backend): the reference runtime."""
     from flwr.simulation import run_simulation
 
@@ -85,7 +95,11 @@ def _run_on_flower_simulation(config: RunConfig, *, resume: bool) -> dict[str, A
     summaries: list[dict[str, Any]] = []
     run_simulation(
         server_app=server_app_for(
-            lambda _: config, engine="flower", summaries=summaries, resume=resume
+            lambda _: config,
+            engine="flower",
+            summaries=summaries,
+            resume=resume,
+            overwrite=overwrite,
         ),
         client_app=client_app_for(lambda _: config),
         num_supernodes=config.data.num_clients,
