@@ -25,8 +25,11 @@ train/held-out split, the partition, the initial model and every draw. Per round
 we also keep the loop's traffic: BVR-L-SGD needs two exchanges per round, the
 others one, so counting rounds alone flatters it.
 
-``python experiments/bvr_heterogeneity.py`` runs it all; ``--quick`` is a smoke
-test; ``--replot`` redoes table, figures and verdict from ``results.json``.
+``python experiments/bvr_heterogeneity.py`` runs it all into
+``runs/bvr_heterogeneity/``; ``--quick`` is a smoke test into
+``runs/bvr_heterogeneity-quick/``; ``--replot`` redoes table, figures and verdict
+from ``results.json``. A full result is replaced only with ``--overwrite``
+(``result_folder.py``).
 """
 
 import argparse
@@ -39,7 +42,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -48,6 +50,7 @@ import torch
 from bvr_report import report
 from bvr_settings import FULL, METHODS, METRICS, QUICK, TRAFFIC, Settings
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from result_folder import RESULTS_FILE, add_folder_arguments, folder_of, refuse_to_replace
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 from torch.nn import functional
@@ -252,14 +255,17 @@ def run_all(s: Settings, processes: int) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the sweep (or reload it with ``--replot``), then report it."""
     parser = argparse.ArgumentParser(description="Murata & Suzuki (ICML 2021), Figs. 2 and 4.")
-    parser.add_argument("--out", type=Path, default=Path("runs/bvr_heterogeneity"))
+    add_folder_arguments(parser, "bvr_heterogeneity")
     parser.add_argument("--quick", action="store_true", help="2 q, 2 η, 1 seed, 5 rounds")
     parser.add_argument("--processes", type=int, default=2, help="runs in parallel")
     parser.add_argument("--replot", action="store_true", help="report OUT/results.json again")
     args = parser.parse_args(argv)
+    out = folder_of(args, "bvr_heterogeneity")
+    if not args.replot:  # redrawing a result's table and figures replaces no result
+        refuse_to_replace(parser, args, out)
     start = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    results = args.out / "results.json"
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / RESULTS_FILE
     if args.replot:
         saved = json.loads(results.read_text())
         values: dict[str, Any] = {
@@ -274,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.write_text(
             json.dumps({"settings": asdict(settings), "elapsed_s": elapsed, "runs": runs})
         )
-    report(runs, settings, args.out)
+    report(runs, settings, out)
     elapsed = time.perf_counter() - start
     ran = "" if args.replot else f", {args.processes} processes"
     print(f"elapsed: {elapsed:.1f} s ({elapsed / 60:.1f} min){ran}")

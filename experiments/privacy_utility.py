@@ -26,8 +26,10 @@ S = r/m (the norm of a report whose magnitude is r): a report's direction is
 unbiased and independent of its magnitude, so this clipping only shrinks the
 magnitude, and it avoids the noise of S = max report norm, tens of times larger.
 
-``python experiments/privacy_utility.py`` runs it all (5 seeds); ``--quick`` is
-a smoke test (1 seed, 5 rounds).
+``python experiments/privacy_utility.py`` runs it all (5 seeds) into
+``runs/privacy_utility/``; ``--quick`` is a smoke test (1 seed, 5 rounds) into
+``runs/privacy_utility-quick/``. A full result is replaced only with ``--overwrite``
+(``result_folder.py``).
 """
 
 import argparse
@@ -48,6 +50,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 import torch
+from result_folder import RESULTS_FILE, add_folder_arguments, folder_of, refuse_to_replace
 
 from fedsim.clients.private_update import SeparatedPrivatization, norm_bound
 from fedsim.config import RunConfig, load_config
@@ -205,7 +208,9 @@ def init_worker() -> None:
 def run_job(job: Job, s: Settings, out: Path) -> dict[str, Any]:
     """Run one job; return it with its summary and per-round test accuracy."""
     config = config_for(job, s, out)
-    summary = run_experiment(config)
+    # main() has refused a folder that holds a result, so a run folder already here
+    # is a stopped sweep's or a smoke test's, to be replaced.
+    summary = run_experiment(config, overwrite=True)
     with (config.run_dir / "metrics.jsonl").open() as lines:
         rows = [json.loads(line) for line in lines if line.strip()]
     return {
@@ -401,19 +406,21 @@ def report(runs: Sequence[dict[str, Any]], s: Settings, n: Sizes, out: Path) -> 
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the sweep, then write the table, the plot and the raw results."""
     parser = argparse.ArgumentParser(description="Privacy-utility trade-off on digits.")
-    parser.add_argument("--out", type=Path, default=Path("runs/privacy_utility"))
+    add_folder_arguments(parser, "privacy_utility")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 rounds")
     parser.add_argument("--processes", type=int, default=2, help="runs in parallel")
     args = parser.parse_args(argv)
+    out = folder_of(args, "privacy_utility")
+    refuse_to_replace(parser, args, out)
     start = time.perf_counter()
     settings = QUICK if args.quick else FULL
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     mute_expected_warnings()
-    n = sizes(settings, args.out)
-    runs = run_all(build_jobs(settings, n.dim), settings, args.out, args.processes)
+    n = sizes(settings, out)
+    runs = run_all(build_jobs(settings, n.dim), settings, out, args.processes)
     raw = {"settings": asdict(settings), "sizes": asdict(n), "runs": runs}
-    (args.out / "results.json").write_text(json.dumps(raw, indent=1))
-    report(runs, settings, n, args.out)
+    (out / RESULTS_FILE).write_text(json.dumps(raw, indent=1))
+    report(runs, settings, n, out)
     elapsed = time.perf_counter() - start
     print(f"elapsed: {elapsed:.1f} s ({elapsed / 60:.1f} min), {args.processes} processes")
 

@@ -67,18 +67,21 @@ def run_cli(
     )
 
 
-def run_script(script: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``python SCRIPT ARGS`` from the repository root, as a user runs an experiment.
+def run_script(
+    script: Path, *args: str, timeout: float = 300, cwd: Path | None = None, returncode: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python SCRIPT ARGS`` in the repository root (or ``cwd``), as a user runs experiments.
 
     Its own interpreter: experiment scripts start process pools, which must not
-    live in the pytest process. Fails the test with the output's tail if it fails.
+    live in the pytest process. Fails the test with the output's tail if it exits
+    with another code than ``returncode``.
     """
     done = subprocess.run(
         [sys.executable, str(script), *args],
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=cwd or Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == returncode, done.stdout[-3000:] + done.stderr[-3000:]
     return done
