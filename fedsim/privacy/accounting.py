@@ -22,13 +22,17 @@ history as plain data (:meth:`Accountant.state_dict`) so that a run can resume.
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from opacus.accountants import PRVAccountant as OpacusPRVAccountant
 from opacus.accountants import RDPAccountant as OpacusRDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
+
+History = list[tuple[float, float, int]]  # (noise multiplier z, sample rate q, steps)
+
+_MAX_NOISE_MULTIPLIER = 1e6  # Opacus's MAX_SIGMA: a budget that needs more is refused
+_BISECTION_STEPS = 100  # halvings of [0, z_high]: far past float precision
 
 
 class Accountant(ABC):
@@ -45,7 +49,7 @@ class Accountant(ABC):
     mechanism: ClassVar[str]
 
     def __init__(self) -> None:
-        self._history: list[tuple[float, float, int]] = []  # (z, q, steps), merged runs
+        self._history: History = []  # merged runs of equal (z, q)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Record ``num_steps`` rounds of noise multiplier z at sample rate q."""
@@ -55,18 +59,27 @@ class Accountant(ABC):
         self._history.append((noise_multiplier, sample_rate, num_steps))
 
     def epsilon(self, delta: float) -> float:
-        """Return the epsilon spent so far at ``delta``: 0 before any step, inf without noise."""
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must lie in (0, 1), got {delta}")
-        if not self._history:
+        """Return the epsilon spent so far at ``delta``, a guarantee and never negative.
+
+        Steps of infinite noise (z = inf) release nothing that depends on the data,
+        so they cost 0 and are left out: Opacus's RDP and PRV would loop forever on
+        them. A step without noise (z = 0) makes epsilon inf, a conservative
+        answer: only delta could then hide a record that was sampled. Near delta = 1
+        the conversions give negative epsilons (RDP's is -3.3 at delta = 0.999); a
+        mechanism that is (eps, delta)-DP with eps < 0 is (0, delta)-DP, and epsilon
+        is non-negative by convention, so 0 is reported instead.
+        """
+        _check_delta(delta)
+        history = [entry for entry in self._history if entry[0] != math.inf]
+        if not history:
             return 0.0
-        if any(z == 0 for z, _, _ in self._history):
+        if any(z == 0 for z, _, _ in history):
             return math.inf
-        return self._epsilon(delta)
+        return max(0.0, self._epsilon(history, delta))
 
     @abstractmethod
-    def _epsilon(self, delta: float) -> float:
-        """Epsilon of the non-empty, noisy history at a valid ``delta``."""
+    def _epsilon(self, history: History, delta: float) -> float:
+        """Epsilon of a non-empty history of finite, positive z at a valid ``delta``."""
 
     def state_dict(self) -> dict[str, Any]:
         """Return the history as plain, JSON-ready data."""
@@ -90,24 +103,29 @@ class RdpAccountant(Accountant):
     mechanism = "rdp"
     orders: ClassVar[tuple[float, ...]] = tuple(OpacusRDPAccountant.DEFAULT_ALPHAS)
 
-    def _epsilon(self, delta: float) -> float:
-        rdp = sum(
-            rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=list(self.orders))
-            for z, q, n in self._history
-        )
-        eps, _ = rdp_analysis.get_privacy_spent(orders=list(self.orders), rdp=rdp, delta=delta)
-        return float(eps)
+    def _epsilon(self, history: History, delta: float) -> float:
+        return rdp_epsilon(history, delta, orders=self.orders)
 
 
 class PrvAccountant(Accountant):
-    """PRV accountant: tighter than RDP; reports Opacus's upper bound (error 0.01)."""
+    """PRV accountant: tighter than RDP; reports Opacus's upper bound (error 0.01).
+
+    Near delta = 1 the PRV's truncated grid may hold no epsilon that meets delta
+    (Opacus raises "Cannot compute epsilon", at delta = 0.999 even where the true
+    epsilon is in the hundreds); RDP's epsilon, also a guarantee, is reported then.
+    """
 
     mechanism = "prv"
 
-    def _epsilon(self, delta: float) -> float:
+    def _epsilon(self, history: History, delta: float) -> float:
         opacus = OpacusPRVAccountant()
-        opacus.history = list(self._history)
-        return float(opacus.get_epsilon(delta))
+        opacus.history = list(history)
+        try:
+            return float(opacus.get_epsilon(delta))
+        except RuntimeError as error:
+            if str(error) != "Cannot compute epsilon":
+                raise
+        return rdp_epsilon(history, delta, orders=RdpAccountant.orders)
 
 
 class FixedSizeRdpAccountant(Accountant):
@@ -124,11 +142,11 @@ class FixedSizeRdpAccountant(Accountant):
 
     def __init__(self, population: int) -> None:
         super().__init__()
-        if population < 1:
-            raise ValueError(f"population must be >= 1, got {population}")
+        if not _is_count(population):
+            raise ValueError(f"population must be an integer >= 1, got {population!r}")
         self.population = population
 
-    def _epsilon(self, delta: float) -> float:
+    def _epsilon(self, history: History, delta: float) -> float:
         try:
             import dp_accounting
             from dp_accounting.rdp import rdp_privacy_accountant
@@ -141,7 +159,7 @@ class FixedSizeRdpAccountant(Accountant):
         accountant = rdp_privacy_accountant.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
         )
-        for z, q, n in self._history:
+        for z, q, n in history:
             sampled = dp_accounting.SampledWithoutReplacementDpEvent(
                 self.population, round(q * self.population), dp_accounting.GaussianDpEvent(z)
             )
@@ -152,6 +170,16 @@ class FixedSizeRdpAccountant(Accountant):
 ACCOUNTANTS: Mapping[str, type[Accountant]] = {
     accountant.mechanism: accountant for accountant in (RdpAccountant, PrvAccountant)
 }
+
+
+def rdp_epsilon(history: History, delta: float, *, orders: Sequence[float]) -> float:
+    """Epsilon of ``history`` (finite, positive z) at ``delta``: RDP at ``orders``, Balle et al."""
+    rdp = sum(
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=list(orders))
+        for z, q, n in history
+    )
+    eps, _ = rdp_analysis.get_privacy_spent(orders=list(orders), rdp=rdp, delta=delta)
+    return float(eps)
 
 
 def calibrate_noise_multiplier(
@@ -165,34 +193,67 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Return the smallest z (to bisection precision) with epsilon <= ``target_epsilon``.
 
-    Opacus's bisection: the returned z spends between ``target_epsilon -
-    epsilon_tolerance`` and ``target_epsilon``.
+    Opacus's bisection (``get_noise_multiplier``): the returned z spends between
+    ``target_epsilon - epsilon_tolerance`` and ``target_epsilon``. It runs on
+    these accountants rather than Opacus's, so that it answers near delta = 1 as
+    they do (Opacus's PRV raises there). Near delta = 1 PRV's epsilon is not
+    monotone in z (it answers 0 for some z and falls back to RDP's looser bound
+    for others), so no z may land within the tolerance: the bisection stops after
+    a fixed number of halvings, and the z it returns still meets the target.
     """
     if mechanism not in ACCOUNTANTS:
         raise ValueError(f"unknown accountant {mechanism!r}; known: {sorted(ACCOUNTANTS)}")
-    if not (target_epsilon > 0 and 0 < delta < 1 and epsilon_tolerance > 0):
-        raise ValueError(
-            f"need target_epsilon > 0, 0 < delta < 1 and epsilon_tolerance > 0, got "
-            f"{target_epsilon}, {delta}, {epsilon_tolerance}"
-        )
+    if not 0 < target_epsilon < math.inf:
+        raise ValueError(f"target_epsilon must lie in (0, inf), got {target_epsilon}")
+    if not 0 < epsilon_tolerance < math.inf:
+        raise ValueError(f"epsilon_tolerance must lie in (0, inf), got {epsilon_tolerance}")
+    _check_delta(delta)
     _check_step(1.0, sample_rate, num_steps)
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=num_steps,
-            accountant=mechanism,
-            epsilon_tolerance=epsilon_tolerance,
+
+    def spent(noise_multiplier: float) -> float:
+        accountant = ACCOUNTANTS[mechanism]()
+        accountant.step(
+            noise_multiplier=noise_multiplier, sample_rate=sample_rate, num_steps=num_steps
         )
-    )
+        return accountant.epsilon(delta)
+
+    low, high, high_epsilon = 0.0, 10.0, math.inf
+    while high_epsilon > target_epsilon:
+        high *= 2
+        if high > _MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"target_epsilon={target_epsilon} needs a noise multiplier above "
+                f"{_MAX_NOISE_MULTIPLIER:g}"
+            )
+        high_epsilon = spent(high)
+    for _ in range(_BISECTION_STEPS):
+        if target_epsilon - high_epsilon <= epsilon_tolerance:
+            break
+        middle = (low + high) / 2
+        middle_epsilon = spent(middle)
+        if middle_epsilon < target_epsilon:
+            high, high_epsilon = middle, middle_epsilon
+        else:
+            low = middle
+    return high
+
+
+def _is_count(value: object) -> bool:
+    """Whether ``value`` is an integer >= 1 (a bool is not a count)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
+
+
+def _check_delta(delta: float) -> None:
+    """Raise a one-line ValueError for a delta that is no probability of failure."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
 
 
 def _check_step(noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
-    """Raise a one-line ValueError for a step no accountant can compose."""
-    if not noise_multiplier >= 0:
-        raise ValueError(f"noise multiplier must be non-negative, got {noise_multiplier}")
+    """Raise a one-line ValueError for a step no accountant can compose (z = inf is allowed)."""
+    if not noise_multiplier >= 0:  # NaN fails too
+        raise ValueError(f"noise multiplier must lie in [0, inf], got {noise_multiplier}")
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must lie in (0, 1], got {sample_rate}")
-    if not (isinstance(num_steps, numbers.Integral) and num_steps >= 1):
-        raise ValueError(f"number of steps must be a positive integer, got {num_steps}")
+    if not _is_count(num_steps):
+        raise ValueError(f"number of steps must be an integer >= 1, got {num_steps!r}")
