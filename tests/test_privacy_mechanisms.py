@@ -386,7 +386,7 @@ def test_scalar_dp_rejects_values_outside_the_range_and_bad_parameters() -> None
     params = ScalarDPParams(epsilon=1.0, levels=3, max_value=1.0)
     with pytest.raises(ValueError, match=r"\[0, 1.0\]"):
         scalar_dp(np.array([0.5, 1.5]), params, np.random.default_rng(0))
-    with pytest.raises(ValueError, match="levels >= 1"):
+    with pytest.raises(ValueError, match="levels must be an integer >= 1"):
         ScalarDPParams(epsilon=1.0, levels=0, max_value=1.0)
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special
 
+from fedsim.privacy.clipping import l2_norm
+
 _SEARCH_ITERATIONS = 100  # each shrinks the interval by 2/3 (ternary) or 1/2 (bisection)
 _UNIT_NORM_TOLERANCE = 1e-6
 
@@ -204,9 +206,9 @@ def _sample_inner_products(
 
 
 def _unit_vector(u: np.ndarray, dim: int) -> np.ndarray:
-    """Check ``u`` is a unit vector of R^dim and renormalize it to full precision."""
-    norm = float(np.linalg.norm(u))
-    if u.shape != (dim,) or abs(norm - 1) > _UNIT_NORM_TOLERANCE:
+    """Check ``u`` is a finite unit vector of R^dim and renormalize it to full precision."""
+    norm = l2_norm(u, name="u")
+    if u.shape != (dim,) or not abs(norm - 1) <= _UNIT_NORM_TOLERANCE:
         raise ValueError(
             f"expected a unit vector of shape ({dim},), got shape {u.shape}, norm {norm}"
         )

@@ -8,6 +8,7 @@ and an affine map debiases the response.
 """
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,18 @@ class ScalarDPParams:
     max_value: float
 
     def __post_init__(self) -> None:
-        if not (self.epsilon > 0 and self.levels >= 1 and self.max_value > 0):
-            raise ValueError(f"need epsilon > 0, levels >= 1 and max_value > 0, got {self}")
+        # epsilon = inf is allowed: randomized rounding alone, reported as is.
+        if not self.epsilon > 0:
+            raise ValueError(f"epsilon must lie in (0, inf], got {self.epsilon}")
+        # The levels index an array of k + 1 outputs: 2.5 or True would index garbage.
+        if not (
+            isinstance(self.levels, numbers.Integral)
+            and not isinstance(self.levels, bool)
+            and self.levels >= 1
+        ):
+            raise ValueError(f"levels must be an integer >= 1, got {self.levels!r}")
+        if not 0 < self.max_value < math.inf:
+            raise ValueError(f"max_value must lie in (0, inf), got {self.max_value}")
 
     @property
     def keep_probability(self) -> float:
@@ -52,8 +63,9 @@ def scalar_dp(
 ) -> np.ndarray:
     """Privatize each entry of ``values`` (in [0, r_max]) independently; same shape, float64."""
     values = np.asarray(values, dtype=np.float64)
-    if np.any((values < 0) | (values > params.max_value)):
-        raise ValueError(f"values must lie in [0, {params.max_value}]")
+    outside = ~((values >= 0) & (values <= params.max_value))  # NaN is outside too
+    if np.any(outside):
+        raise ValueError(f"values must lie in [0, {params.max_value}], got {values[outside][0]}")
     k = params.levels
     # Clip: k * r_max / r_max can round to k + 1 ulp, which must stay level k.
     x = np.minimum(k * values / params.max_value, k)
@@ -71,6 +83,8 @@ def scalar_dp_moments(value: float, params: ScalarDPParams) -> tuple[float, floa
     P(report j) = P(J = j) * keep + (1 - P(J = j)) * (1 - keep) / k, with J the
     randomly rounded level; the mean is ``value`` (unbiasedness).
     """
+    if not 0 <= value <= params.max_value:
+        raise ValueError(f"value must lie in [0, {params.max_value}], got {value}")
     k = params.levels
     x = min(k * value / params.max_value, k)
     lower = math.floor(x)

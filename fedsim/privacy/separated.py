@@ -11,6 +11,7 @@ unbiased, so E[R_hat * Z] = clip(update) and a plain server mean is unbiased.
 
 import numpy as np
 
+from fedsim.privacy.clipping import l2_norm
 from fedsim.privacy.privunit import PrivUnitParams, privunit
 from fedsim.privacy.scalar_dp import ScalarDPParams, scalar_dp
 
@@ -27,8 +28,11 @@ def privatize_separated(
     A zero update has no direction: a uniformly random one is privatized instead,
     so the output is still a PrivUnit2 output times a ScalarDP output (the LDP
     guarantee holds for every input), and E[R_hat] = 0 at r = 0 keeps it unbiased.
+    An update with a NaN or Inf entry is refused (ValueError), never privatized
+    into noise around garbage; a huge but finite one is clipped, its norm taken
+    without overflow (:func:`~fedsim.privacy.clipping.l2_norm`).
     """
-    norm = float(np.linalg.norm(update))
+    norm = l2_norm(update, name="update")
     if norm > 0:
         unit = update / norm
     else:
