@@ -1,50 +1,74 @@
-"""The ``ClientApp`` of fedsim: one app answers every strategy's message types."""
+"""The ``ClientApp`` of fedsim, composed from the client actions of the algorithms in use.
 
-from collections.abc import Callable, Sequence
+Every app answers Flower's plain ``train`` and ``evaluate`` (FedAvg and Flower's
+own strategies) with :class:`TorchClient`; each algorithm adds the actions its
+strategy class declares (``client_actions``, see :mod:`fedsim.algorithm`), so no
+client class knows every algorithm and a plug-in brings its own.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedsim.clients.gradient_client import GradientClient
-from fedsim.clients.torch_client import TorchTask
+from fedsim.algorithm import ClientMod, Handler, check_mods, client_actions, message_types
+from fedsim.clients.torch_client import TorchClient, TorchTask
 
-ClientResolver = Callable[[Context], GradientClient]
+ClientResolver = Callable[[Context], TorchClient]
 
 
-def client_app(resolve: ClientResolver, mods: Sequence[Mod] = ()) -> ClientApp:
+def client_app(
+    resolve: ClientResolver,
+    mods: Sequence[Mod | ClientMod] = (),
+    *,
+    algorithms: Iterable[type] = (),
+) -> ClientApp:
     """Return a ClientApp routing each message to the client ``resolve`` gives for its context.
 
-    It answers ``train`` and ``evaluate`` (FedAvg and Flower's own strategies) and
-    the named actions of :class:`GradientClient` (``train.anchor``, ...).
+    ``algorithms`` are strategy classes whose ``client_actions`` the app answers
+    besides ``train`` and ``evaluate``. ``mods`` are Flower mods applied to every
+    message; a :class:`~fedsim.algorithm.ClientMod` that would see a message type
+    it is not written for makes this raise ``ValueError`` (see ``check_mods``).
     """
-    app = ClientApp(mods=list(mods))
-    routes = {
-        MessageType.TRAIN: "train",
-        MessageType.EVALUATE: "evaluate",
-        **GradientClient.ACTIONS,
+    algorithms = tuple(algorithms)
+    check_mods((m for m in mods if isinstance(m, ClientMod)), message_types(algorithms))
+    app = ClientApp(mods=[m.mod if isinstance(m, ClientMod) else m for m in mods])
+    handlers: dict[str, Handler] = {
+        MessageType.TRAIN: TorchClient.train,
+        MessageType.EVALUATE: TorchClient.evaluate,
     }
-    for message_type, method in routes.items():
-        category, _, action = message_type.partition(".")
+    for algorithm in algorithms:
+        for action in client_actions(algorithm):
+            if handlers.get(action.message_type, action.handler) is not action.handler:
+                raise ValueError(
+                    f"{algorithm.__name__}'s action for {action.message_type} clashes with "
+                    "another algorithm's"
+                )
+            handlers[action.message_type] = action.handler
+    for message_type, handler in handlers.items():
+        category, _, action_name = message_type.partition(".")
         register = app.train if category == MessageType.TRAIN else app.evaluate
-        register(action or "default")(_route(resolve, method))
+        register(action_name or "default")(_route(resolve, handler))
     return app
 
 
-def _route(resolve: ClientResolver, method: str) -> Callable[[Message, Context], Message]:
+def _route(resolve: ClientResolver, handler: Handler) -> Callable[[Message, Context], Message]:
     def handle(message: Message, context: Context) -> Message:
-        handler: Callable[[Message, Context], Message] = getattr(resolve(context), method)
-        return handler(message, context)
+        return handler(resolve(context), message, context)
 
-    handle.__name__ = method
+    handle.__name__ = getattr(handler, "__name__", "handle")
     return handle
 
 
-def make_client_app(task: TorchTask, mods: Sequence[Mod] = ()) -> ClientApp:
+def make_client_app(
+    task: TorchTask, mods: Sequence[Mod | ClientMod] = (), *, algorithms: Iterable[type] = ()
+) -> ClientApp:
     """Return a ClientApp for ``task`` whose one client serves every node of this process.
 
-    ``mods`` are Flower client mods applied to every message (e.g.
-    ``fedsim.clients.private_update.separated_privatization_mod``).
+    ``algorithms`` are the strategy classes whose client actions it answers
+    (``[fedsim.strategies.SCAFFOLD]``); ``mods`` are Flower client mods applied
+    to every message (e.g. ``fedsim.experiment.client_mods(config)``).
     """
-    client = GradientClient(task)
-    return client_app(lambda _context: client, mods)
+    client = TorchClient(task)
+    return client_app(lambda _context: client, mods, algorithms=algorithms)

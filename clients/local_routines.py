@@ -8,12 +8,16 @@ a minibatch takes an explicit generator. Spec: ``shared/specs/bvr-l-sgd.md``.
 """
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from fedsim.clients.training import LossFn
+
+if TYPE_CHECKING:
+    from fedsim.clients.trainer import Trainer
 
 Point = dict[str, Tensor]
 
@@ -88,6 +92,7 @@ def local_steps(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
+    trainer: "Trainer",
     estimate: Mapping[str, Tensor] | None = None,
 ) -> tuple[Point, float]:
     """Take ``steps`` local steps from ``start``; return the last point and the mean loss.
@@ -96,59 +101,31 @@ def local_steps(
     it is BVR-L-SGD's LocalRoutine: v_0 is the server's estimate and
     v_k = g(x_{k-1}; I_k) - g(x_{k-2}; I_k) + v_{k-1}, x_k = x_{k-1} - lr v_k, with
     x_{-1} = x_0, so the first step is x_1 = x_0 - lr v_0 and draws no batch.
-    The mean loss is over the steps that drew a batch (NaN if none did).
+    Gradients and batches come from ``trainer`` (plain or DP-SGD). The mean loss
+    is over the steps whose batch had samples (NaN if none had).
     """
     point = {name: value.detach() for name, value in start.items()}
     previous = point
     direction = dict(estimate) if estimate is not None else None
-    losses = []
+    losses: list[float | None] = []
     for step in range(steps):
         if direction is None:
-            update, loss = batch_gradient(model, loss_fn, point, data.batch(batch_size, generator))
+            batch = trainer.batch(data, batch_size, generator)
+            update, loss = trainer.gradient(model, loss_fn, point, batch)
             losses.append(loss)
         else:
             update = direction
             if step > 0:
-                difference, loss = gradient_difference(
-                    model, loss_fn, point, previous, data.batch(batch_size, generator)
-                )
+                batch = trainer.batch(data, batch_size, generator)
+                difference, loss = trainer.difference(model, loss_fn, point, previous, batch)
                 update = {name: difference[name] + direction[name] for name in point}
                 losses.append(loss)
             direction = update
         previous, point = point, {name: point[name] - lr * update[name] for name in point}
-    return point, (sum(losses) / len(losses) if losses else float("nan"))
+    return point, mean_loss(losses)
 
 
-def scaffold_steps(
-    model: nn.Module,
-    loss_fn: LossFn,
-    start: Mapping[str, Tensor],
-    data: LocalData,
-    *,
-    lr: float,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    server_control: Mapping[str, Tensor],
-    client_control: Mapping[str, Tensor],
-) -> tuple[Point, Point, Point, float]:
-    """SCAFFOLD's client (Karimireddy et al., ICML 2020, option II).
-
-    y <- y - lr (g(y; I_k) - c_p + c) for ``steps`` steps from x; then
-    c_p+ = c_p - c + (x - y) / (steps lr). Returns (Δy = y - x, Δc = c_p+ - c_p,
-    c_p+, mean loss).
-    """
-    point = {name: value.detach() for name, value in start.items()}
-    correction = {name: server_control[name] - client_control[name] for name in point}
-    losses = []
-    for _ in range(steps):
-        gradient, loss = batch_gradient(model, loss_fn, point, data.batch(batch_size, generator))
-        losses.append(loss)
-        point = {name: point[name] - lr * (gradient[name] + correction[name]) for name in point}
-    delta = {name: point[name] - start[name] for name in point}
-    new_control = {
-        name: client_control[name] - server_control[name] - delta[name] / (steps * lr)
-        for name in point
-    }
-    control_delta = {name: new_control[name] - client_control[name] for name in point}
-    return delta, control_delta, new_control, sum(losses) / len(losses)
+def mean_loss(losses: list[float | None]) -> float:
+    """Return the mean of the losses of non-empty batches (NaN if there is none)."""
+    present = [loss for loss in losses if loss is not None]
+    return sum(present) / len(present) if present else float("nan")

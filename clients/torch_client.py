@@ -12,11 +12,12 @@ from torch.utils.data import Dataset
 
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
-from fedsim.clients.dp_sgd import DPSGD, spend, train_dp_sgd
-from fedsim.clients.training import LossFn, evaluate, train_epochs
+from fedsim.clients.dp_sgd import DPSGD
+from fedsim.clients.trainer import trainer_for
+from fedsim.clients.training import LossFn, evaluate
 from fedsim.engine.threaded import on_worker_thread
 from fedsim.records import config_number, get_record, records_of
-from fedsim.seeding import derive_seed, seeded_torch_rng, torch_generator
+from fedsim.seeding import derive_seed, seeded_torch_rng
 
 if TYPE_CHECKING:  # Opacus loads only when a client trains with DP-SGD
     from opacus import GradSampleModule
@@ -139,45 +140,25 @@ class TorchClient:
         """Train the received model on this node's partition."""
         config = get_record(message.content, keys.CONFIG, ConfigRecord)
         model = self.model(get_record(message.content, keys.ARRAYS, ArrayRecord))
-        dataset = self._partition(context)
+        dataset = self.partition(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         seed = config_number(config, keys.SEED, int, 0)
         round_ = config_number(config, keys.SERVER_ROUND, int, 0)
         optimizer = self.task.optimizer_fn(
             model.parameters(), config_number(config, keys.LR, float, self.task.lr)
         )
+        trainer = trainer_for(self.task, message, context)
         # Seeding torch's global RNG per (round, node) makes a client's update (dropout)
         # independent of which clients ran before it in this process.
-        epochs = config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs)
-        batch_size = config_number(config, keys.BATCH_SIZE, int, self.task.batch_size)
-        extra_metrics: dict[str, float] = {}
         with seeded_torch_rng(derive_seed(seed, round_, partition_id, "train"), self.device):
-            if self.task.dp_sgd is None:
-                train_loss = train_epochs(
-                    model,
-                    dataset,
-                    loss_fn=self.task.loss_fn,
-                    optimizer=optimizer,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    generator=torch_generator(seed, round_, partition_id, "shuffle"),
-                    device=self.device,
-                )
-            else:
-                train_loss, rate, steps = train_dp_sgd(
-                    self.private_model(),
-                    dataset,
-                    loss_fn=self.task.loss_fn,
-                    optimizer=optimizer,
-                    epochs=epochs,
-                    batch_size=batch_size,
-                    generator=torch_generator(seed, round_, partition_id, "dp-sgd"),
-                    device=self.device,
-                    settings=self.task.dp_sgd,
-                )
-                epsilon = spend(context, self.task.dp_sgd, sample_rate=rate, steps=steps)
-                if epsilon is not None:
-                    extra_metrics[keys.DP_EPSILON] = epsilon
+            train_loss = trainer.train_epochs(
+                self,
+                dataset,
+                optimizer=optimizer,
+                epochs=config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs),
+                batch_size=config_number(config, keys.BATCH_SIZE, int, self.task.batch_size),
+            )
+        extra_metrics = trainer.spend(context)
         _count_participation(context)
         content = RecordDict(
             {
@@ -199,7 +180,7 @@ class TorchClient:
         """Evaluate the received model on this node's partition."""
         config = records_of(message.content, ConfigRecord).get(keys.CONFIG, ConfigRecord())
         model = self.model(get_record(message.content, keys.ARRAYS, ArrayRecord))
-        dataset = self._partition(context)
+        dataset = self.partition(context)
         num_examples = len(cast(Sized, dataset))
         if num_examples == 0:
             # Label-skewed partitions can be empty; weight 0 makes the strategy ignore this reply.
@@ -215,7 +196,8 @@ class TorchClient:
         record = MetricRecord({keys.NUM_EXAMPLES: num_examples, **metrics})
         return Message(RecordDict({keys.METRICS: record}), reply_to=message)
 
-    def _partition(self, context: Context) -> Dataset:
+    def partition(self, context: Context) -> Dataset:
+        """Return the node's data partition, as its node_config names it."""
         try:
             partition_id = int(context.node_config[keys.PARTITION_ID])
             num_partitions = int(context.node_config[keys.NUM_PARTITIONS])

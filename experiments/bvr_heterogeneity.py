@@ -211,9 +211,12 @@ def run_job(job: Job, s: Settings) -> dict[str, Any]:
         load_partition=lambda partition, _count: data.client_dataset(partition),
     )
     history = History()
+    strategy = build_strategy(job.method, lr=job.lr, seed=job.seed, s=s)
     run_rounds(
-        strategy=build_strategy(job.method, lr=job.lr, seed=job.seed, s=s),
-        grid=InlineGrid(make_client_app(task), num_nodes=s.num_workers),
+        strategy=strategy,
+        grid=InlineGrid(
+            make_client_app(task, algorithms=[type(strategy)]), num_nodes=s.num_workers
+        ),
         initial_arrays=initial_arrays(task, job.seed),
         num_rounds=s.rounds,
         train_config=ConfigRecord({keys.SEED: job.seed}),

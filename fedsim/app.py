@@ -7,7 +7,7 @@
 ``--overwrite`` flag: the run-config key ``overwrite = true`` stands in for it.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import lru_cache
 
 from flwr.app import Context, Message, UserConfig
@@ -15,10 +15,13 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid, ServerApp
 
-from fedsim.clients import GradientClient
+from fedsim.algorithm import check_mods, message_types
+from fedsim.clients import TorchClient
 from fedsim.clients import client_app as routed_client_app
+from fedsim.composition import strategy_class
 from fedsim.config import ConfigError, RunConfig, parse_config, unflatten
 from fedsim.experiment import build_task, client_mods, run_on_grid
+from fedsim.registry import STRATEGIES, resolve
 
 ConfigResolver = Callable[[Context], RunConfig]
 # The run-config key that replaces a run folder's results, as `fedsim run --overwrite`
@@ -40,14 +43,19 @@ def overwrite_of(run_config: UserConfig) -> bool:
 
 
 @lru_cache(maxsize=4)
-def _client(config: RunConfig) -> GradientClient:
+def _client(config: RunConfig) -> TorchClient:
     # One client (model instance and data) per process and config: a Ray worker
     # builds it on its first message and reuses it for every node it simulates.
-    return GradientClient(build_task(config))
+    return TorchClient(build_task(config))
 
 
-def client_app_for(resolve: ConfigResolver) -> ClientApp:
-    """Build a ClientApp whose task (and mods) come from the config ``resolve`` finds."""
+def client_app_for(resolve: ConfigResolver, *, algorithms: Iterable[type] = ()) -> ClientApp:
+    """Build a ClientApp whose task (and mods) come from the config ``resolve`` finds.
+
+    It answers the client actions of ``algorithms`` (strategy classes) besides
+    ``train`` and ``evaluate``; a config's mods are checked against its own
+    strategy's message types when first used.
+    """
 
     def config_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
         handler = call_next
@@ -55,12 +63,16 @@ def client_app_for(resolve: ConfigResolver) -> ClientApp:
             handler = _chained(mod, handler)
         return handler(message, context)
 
-    return routed_client_app(lambda context: _client(resolve(context)), [config_mods])
+    return routed_client_app(
+        lambda context: _client(resolve(context)), [config_mods], algorithms=algorithms
+    )
 
 
 @lru_cache(maxsize=4)
 def _mods(config: RunConfig) -> list[Mod]:
-    return client_mods(config)
+    mods = client_mods(config)
+    check_mods(mods, message_types([strategy_class(config)]))
+    return [client_mod.mod for client_mod in mods]
 
 
 def _chained(mod: Mod, call_next: ClientAppCallable) -> ClientAppCallable:
@@ -101,5 +113,11 @@ def _from_context(context: Context) -> RunConfig:
     return config_from_run_config(context.run_config)
 
 
-client_app = client_app_for(_from_context)
+# Under `flwr run` the config arrives with each message, after the app is built: it
+# answers every shipped strategy's actions (a plug-in strategy's need an app of its own,
+# `client_app_for(..., algorithms=[MyStrategy])`).
+client_app = client_app_for(
+    _from_context,
+    algorithms=[resolve("strategy.name", name, STRATEGIES) for name in STRATEGIES],
+)
 server_app = server_app_for(_from_context, engine="flwr-run")

@@ -39,7 +39,26 @@ def _fraction(default: float) -> Any:
     return _rule(default, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
-Dataset = Literal["digits", "synthetic", "mnist", "emnist", "cifar10"]
+class Params(dict[str, Any]):
+    """A plug-in's keyword arguments (``[strategy.params]``): a read-only, hashable dict.
+
+    Configs are frozen and hashable (processes cache what they build per config);
+    a params table is too. Its values are TOML's, checked against the plug-in's
+    signature by ``fedsim.composition``.
+    """
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(repr(sorted(self.items())))
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        return Params, (dict(self),)  # pickle builds it whole, not item by item
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config params are read-only")
+
+    __setitem__ = __delitem__ = update = pop = clear = setdefault = _read_only  # type: ignore[assignment]
+
+
 Partitioner = Literal["iid", "dirichlet", "shards", "qsplit", "natural"]
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -47,9 +66,15 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which dataset, and how it is split over clients."""
+    """Which dataset, and how it is split over clients.
 
-    dataset: Dataset = "digits"
+    ``dataset`` is a shipped one or a loader by import path ``"module:function"``
+    returning a ``fedsim.data.datasets.CentralDataset``; it gets ``params`` as
+    keyword arguments, plus ``seed`` and ``test_fraction`` if it takes them, and
+    its train split is partitioned like a shipped dataset's.
+    """
+
+    dataset: str = "digits"
     partitioner: Partitioner = "dirichlet"
     num_clients: int = _at_least(100, 1)
     alpha: float = _positive(0.5)
@@ -59,6 +84,7 @@ class DataConfig:
     test_fraction: float = _fraction(0.2)
     synthetic_alpha: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
     synthetic_beta: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    params: Params = field(default_factory=Params)
 
     def __post_init__(self) -> None:
         if (self.dataset == "synthetic") != (self.partitioner == "natural"):
@@ -71,10 +97,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which reference model to train."""
+    """Which model to train: a shipped one, or a factory ``"module:function"``.
 
-    name: Literal["cnn", "mlp", "logreg"] = "cnn"
+    A factory by import path gets ``params`` as keyword arguments, plus
+    ``input_shape`` and ``num_classes`` if it takes them.
+    """
+
+    name: str = "cnn"
     hidden: int = _at_least(64, 1)
+    params: Params = field(default_factory=Params)
 
 
 @dataclass(frozen=True)
@@ -95,11 +126,13 @@ class ClientConfig:
 
 @dataclass(frozen=True)
 class StrategyConfig:
-    """The server's strategy and its cohorts."""
+    """The server's strategy and its cohorts: a shipped one, or a class ``"module:Class"``.
 
-    name: Literal["fedavg", "bvr-l-sgd", "minibatch-sgd", "local-sgd", "sarah", "scaffold"] = (
-        "fedavg"
-    )
+    A class by import path gets ``params`` as keyword arguments, plus the run's
+    ``seed`` and cohort sizes for those of ``fedsim.registry.COHORT_KEYWORDS`` it takes.
+    """
+
+    name: str = "fedavg"
     clients_per_round: int = _at_least(10, 1)
     evaluate_clients: int = _at_least(0, 0)
     # The gradient-based strategies (all but fedavg) take K local steps of
@@ -108,6 +141,7 @@ class StrategyConfig:
     stage_rounds: int = _at_least(10, 1)
     reference_batch_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: full local data)")
     server_lr: float = _positive(1.0)
+    params: Params = field(default_factory=Params)
 
 
 @dataclass(frozen=True)
@@ -211,8 +245,17 @@ class RunConfig:
 
 
 def parse_config(raw: Mapping[str, Any]) -> RunConfig:
-    """Validate a nested mapping (a parsed TOML document) into a :class:`RunConfig`."""
-    return _build(RunConfig, raw, prefix="")
+    """Validate a nested mapping (a parsed TOML document) into a :class:`RunConfig`.
+
+    Beyond each value, the whole is checked as it will be built: plug-ins import
+    and take their ``params``, and every privacy option asked for is one the
+    strategy honours (``fedsim.composition``).
+    """
+    config = _build(RunConfig, raw, prefix="")
+    from fedsim.composition import check_composition  # imports the strategy classes
+
+    check_composition(config)
+    return config
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -240,12 +283,16 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def flatten(config: RunConfig) -> dict[str, Any]:
     """Return the config as Flower's flat ``run_config`` (inverse of :func:`unflatten`)."""
+    return _flat(dataclasses.asdict(config), prefix="")
+
+
+def _flat(tree: Mapping[str, Any], *, prefix: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(config).items():
+    for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+            flat.update(_flat(value, prefix=f"{prefix}{key}."))
         else:
-            flat[key] = value
+            flat[f"{prefix}{key}"] = value
     return flat
 
 
@@ -285,7 +332,11 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
     values = {}
     for key, value in raw.items():
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if hint is Params:  # a plug-in's keyword arguments: checked against its signature
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{key} must be a table, got {value!r}")
+            values[key] = Params(value)
+        elif dataclasses.is_dataclass(hint):
             values[key] = _build(typing.cast(type, hint), value, prefix=f"{prefix}{key}.")
         else:
             values[key] = _check_value(f"{prefix}{key}", value, hint, fields[key].metadata)

@@ -8,25 +8,27 @@ progress and seeding behave the same everywhere.
 import contextlib
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
-from flwr.clientapp.typing import Mod
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 from torch.utils.data import Dataset
 
 from fedsim import keys
+from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod
 from fedsim.clients import TorchTask
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.training import evaluate
+from fedsim.composition import model_factory, plugin_dataset, plugin_strategy
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
+from fedsim.data.federated import partitioned
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
-from fedsim.models import model_factory
 from fedsim.progress import ProgressBar
+from fedsim.registry import is_import_path
 from fedsim.results import MODEL_FILE, RunRecorder, check_run_folder, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
@@ -35,6 +37,16 @@ from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, Miniba
 @lru_cache(maxsize=2)
 def federated_data(data: DataConfig, seed: int) -> FederatedData:
     """Load and partition the dataset once per process (server, or each Ray worker)."""
+    if is_import_path(data.dataset):
+        return partitioned(
+            plugin_dataset(data, seed),
+            partitioner=data.partitioner,
+            num_clients=data.num_clients,
+            seed=seed,
+            alpha=data.alpha,
+            shards_per_client=data.shards_per_client,
+            q=data.q,
+        )
     return build_federated_data(
         dataset=data.dataset,
         partitioner=data.partitioner,
@@ -63,9 +75,7 @@ def build_task(config: RunConfig) -> TorchTask:
 
     central = data.central
     return TorchTask(
-        model_fn=model_factory(
-            config.model.name, central.input_shape, central.num_classes, hidden=config.model.hidden
-        ),
+        model_fn=model_factory(config, central.input_shape, central.num_classes),
         loss_fn=nn.CrossEntropyLoss(),
         load_partition=load_partition,
         device=config.client.device,
@@ -105,8 +115,12 @@ def build_strategy(config: RunConfig) -> Strategy:
     )
 
 
-def client_mods(config: RunConfig) -> list[Mod]:
-    """Return the client mods the config asks for (local privatization)."""
+def client_mods(config: RunConfig) -> list[ClientMod]:
+    """Return the client mods the config asks for (local privatization).
+
+    The separated privatizer rewrites the model a plain ``train`` reply carries and
+    lets ``evaluate`` replies (metrics only) pass: those are the types it handles.
+    """
     privacy = config.privacy
     if not privacy.local_dp:
         return []
@@ -115,19 +129,18 @@ def client_mods(config: RunConfig) -> list[Mod]:
         separated_privatization_mod,
     )
 
-    return [
-        separated_privatization_mod(
-            SeparatedPrivatization(
-                epsilon_direction=privacy.epsilon_direction,
-                epsilon_magnitude=privacy.epsilon_magnitude,
-                clip_radius=privacy.local_clip,
-                levels=privacy.magnitude_levels,
-            )
+    mod = separated_privatization_mod(
+        SeparatedPrivatization(
+            epsilon_direction=privacy.epsilon_direction,
+            epsilon_magnitude=privacy.epsilon_magnitude,
+            clip_radius=privacy.local_clip,
+            levels=privacy.magnitude_levels,
         )
-    ]
+    )
+    return [ClientMod(mod, handles=STANDARD_MESSAGE_TYPES, name="local privatization")]
 
 
-def _base_strategy(config: RunConfig) -> FedAvg:
+def _base_strategy(config: RunConfig) -> Strategy:
     """Build the config's strategy, with cohorts given as absolute sizes."""
     strategy = config.strategy
     population = config.data.num_clients
@@ -140,6 +153,8 @@ def _base_strategy(config: RunConfig) -> FedAvg:
         "min_evaluate_nodes": evaluate_,
         "min_available_nodes": max(train, evaluate_),
     }
+    if is_import_path(strategy.name):
+        return cast(Strategy, plugin_strategy(config, cohorts))
     if strategy.name == "fedavg":
         return FedAvg(**cohorts)
     gradient = {

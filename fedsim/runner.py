@@ -2,8 +2,11 @@
 
 from typing import Any
 
+from flwr.clientapp import ClientApp
+
 from fedsim.allocator import pin_malloc_thresholds
 from fedsim.clients import make_client_app
+from fedsim.composition import strategy_class
 from fedsim.config import RunConfig, flatten
 from fedsim.engine import InlineGrid
 from fedsim.engine.simulated import threads_for
@@ -31,13 +34,20 @@ def run_experiment(
     if config.engine.name == "threads":
         return _run_on_threads(config, resume=resume, overwrite=overwrite)
     with InlineGrid(
-        make_client_app(build_task(config), client_mods(config)),
+        _client_app(config),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
         torch_threads=config.engine.torch_threads or None,
         check_finite_arrays=config.engine.check_finite_arrays,
     ) as grid:
         return run_on_grid(config, grid, engine="inline", resume=resume, overwrite=overwrite)
+
+
+def _client_app(config: RunConfig) -> ClientApp:
+    """Return the in-process engines' ClientApp: the config's task, mods, strategy's actions."""
+    return make_client_app(
+        build_task(config), client_mods(config), algorithms=[strategy_class(config)]
+    )
 
 
 def _run_on_threads(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any]:
@@ -47,7 +57,7 @@ def _run_on_threads(config: RunConfig, *, resume: bool, overwrite: bool) -> dict
     engine = config.engine
     workers = engine.num_actors or max(1, int(available_cpus() // engine.num_cpus_per_client))
     with ThreadedGrid(
-        make_client_app(build_task(config), client_mods(config)),
+        _client_app(config),
         num_nodes=config.data.num_clients,
         num_workers=workers,
         threads_per_worker=threads_for(engine.num_cpus_per_client),
@@ -71,7 +81,7 @@ def _run_on_ray(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str
         num_actors=engine.num_actors or None,
     )
     with RayGrid(
-        client_app_for(lambda _: config),
+        client_app_for(lambda _: config, algorithms=[strategy_class(config)]),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
         resources=resources,
@@ -101,7 +111,7 @@ def _run_on_flower_simulation(
             resume=resume,
             overwrite=overwrite,
         ),
-        client_app=client_app_for(lambda _: config),
+        client_app=client_app_for(lambda _: config, algorithms=[strategy_class(config)]),
         num_supernodes=config.data.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

@@ -25,6 +25,9 @@ allows), not the theory's randomly drawn x̃^out, and the LocalRoutine returns
 its last point, not a random inner iterate.
 """
 
+from dataclasses import dataclass
+from typing import Any
+
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
@@ -32,27 +35,59 @@ from fedsim import keys
 from fedsim.arrays import to_array_record
 from fedsim.loop import TrainRound
 from fedsim.strategies.aggregation import shapes_of
-from fedsim.strategies.sarah import SARAH
+from fedsim.strategies.local_sgd import LocalSGD
+from fedsim.strategies.multi_exchange import GradientStrategy, Vector, refusals
+from fedsim.strategies.sarah import SARAH, SarahEstimate
 
 
-class BVRLSGD(SARAH):
-    """BVR-L-SGD on the parameters of :class:`~fedsim.strategies.sarah.SARAH`.
+@dataclass(kw_only=True, eq=False)
+class BVRLSGD(GradientStrategy):
+    """BVR-L-SGD on the parameters of :class:`GradientStrategy`, plus SARAH's stage settings.
 
     ``batch_size`` is b and ``local_steps`` K; the estimate minibatch has K·b
     samples, as in the paper.
+
+    Parameters
+    ----------
+    stage_rounds
+        T, rounds per stage; each stage starts with an anchor exchange.
+    reference_batch_size
+        b̃, samples of each worker's anchor gradient; 0 takes its full local data.
     """
 
+    stage_rounds: int
+    reference_batch_size: int = 0
+
+    # SARAH's anchor and estimate exchanges, and the LocalRoutine: Local SGD's action,
+    # which runs the SARAH-corrected steps when the message carries an estimate.
+    client_actions = SARAH.client_actions + LocalSGD.client_actions
+    privacy_refusals = refusals("BVR-L-SGD", "train.anchor, train.estimate, train.local")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.sarah = SarahEstimate(self.stage_rounds, self.reference_batch_size)
+
     @property
-    def estimate_batch_size(self) -> int:
-        """Samples per worker of a round's recursion step: K·b."""
-        return self.local_steps * self.batch_size
+    def estimate(self) -> Vector | None:
+        """The server's estimate ṽ after the last round."""
+        return self.sarah.value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the server's estimate, for run checkpoints."""
+        return {"estimate": self.sarah.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the estimate from :meth:`state_dict`."""
+        self.sarah.value = state["estimate"]
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> TrainRound:
         """Refresh the estimate, then let one uniformly picked worker run the LocalRoutine."""
-        metrics, counted = yield from self.refresh_estimate(server_round, arrays, config, grid)
-        if not counted or self.estimate is None:
+        metrics, counted = yield from self.sarah.refresh(
+            self, server_round, arrays, config, grid, batch_size=self.local_steps * self.batch_size
+        )
+        if not counted or self.sarah.value is None:
             return None, None
         picked = self.pick(server_round, sorted(counted))
         replies = yield self.send(
@@ -60,7 +95,7 @@ class BVRLSGD(SARAH):
             [picked],
             keys.TRAIN_LOCAL,
             self.exchange_config(config),
-            **{keys.ARRAYS: arrays, keys.ESTIMATE: to_array_record(self.estimate)},
+            **{keys.ARRAYS: arrays, keys.ESTIMATE: to_array_record(self.sarah.value)},
         )
         models, _, _ = self.mean_of_replies(replies, shapes_of(arrays), keys.ARRAYS)
         return (to_array_record(models[0]) if models else None), _with_pick(metrics, picked)

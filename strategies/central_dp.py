@@ -63,13 +63,13 @@ from fedsim.strategies.fedavg import skip_reply
 from fedsim.strategies.gaussian_sum_release import (
     COHORT_METRIC,
     GaussianSumRelease,
-    ReleasesPrivately,
     Sampling,
 )
+from fedsim.strategies.multi_exchange import WrapsStrategy
 from fedsim.strategies.sampling import available_nodes
 
 
-class CentralDP(ReleasesPrivately):
+class CentralDP(WrapsStrategy):
     """Wrap ``strategy`` in central DP with fixed or adaptive clipping.
 
     Parameters

@@ -22,7 +22,7 @@ A sketch of one round (``node_ids`` the population, ``clip`` any L2 clipping)::
     noisy_mean = release.release(total, server_round=server_round, population=len(node_ids))
     release.privacy()  # {"epsilon": ..., "delta": 1e-05}
 
-Both strategies derive from :class:`ReleasesPrivately`, which reports the release's
+Both strategies hold one as ``release``; their base, ``WrapsStrategy``, reports its
 privacy and checkpoints it with the wrapped strategy.
 """
 
@@ -34,7 +34,6 @@ import numpy as np
 from fedsim.privacy.accounting import ACCOUNTANTS, Accountant, FixedSizeRdpAccountant
 from fedsim.privacy.central import noisy_average
 from fedsim.seeding import SERVER_NODE, numpy_rng
-from fedsim.strategies.multi_exchange import WrapsStrategy
 from fedsim.strategies.sampling import poisson_cohort, sample_cohort
 
 Sampling = Literal["poisson", "fixed"]
@@ -172,26 +171,3 @@ class GaussianSumRelease:
         if state["accountant"] is not None:
             self.accountant = self._new_accountant(state["population"])
             self.accountant.load_state_dict(state["accountant"])
-
-
-class ReleasesPrivately(WrapsStrategy):
-    """A wrapping strategy whose rounds end in its :class:`GaussianSumRelease`, ``release``.
-
-    The loop reports :meth:`privacy` every round, and a checkpoint saves the
-    release (accountant, clip norm) beside the wrapped strategy's state.
-    """
-
-    release: GaussianSumRelease
-
-    def privacy(self) -> dict[str, float]:
-        """Return the ε spent so far at δ."""
-        return self.release.privacy()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Return the release's state and the wrapped strategy's."""
-        return {**super().state_dict(), "release": self.release.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        super().load_state_dict(state)
-        self.release.load_state_dict(state["release"])

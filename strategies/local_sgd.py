@@ -5,18 +5,59 @@ point; the server averages the workers' last points (unweighted: the objective
 is the mean of the workers' losses). One exchange per round, d each way.
 """
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
 from fedsim import keys
+from fedsim.algorithm import ClientAction
 from fedsim.arrays import to_array_record
+from fedsim.clients import TorchClient
+from fedsim.clients.local_routines import local_steps
+from fedsim.clients.points import (
+    batch_generator,
+    config_of,
+    local_data,
+    model_for,
+    point_of,
+    reply_with,
+    tensors,
+)
+from fedsim.clients.trainer import trainer_for
 from fedsim.loop import TrainRound
+from fedsim.records import config_number, records_of
 from fedsim.strategies.aggregation import shapes_of
-from fedsim.strategies.multi_exchange import GradientStrategy
+from fedsim.strategies.multi_exchange import GradientStrategy, refusals
+
+
+def local(client: TorchClient, message: Message, context: Context) -> Message:
+    """Client action ``train.local``: K local steps from the message's point; reply the last.
+
+    With an ``estimate`` record the steps are BVR-L-SGD's LocalRoutine (the
+    SARAH-corrected local steps, ``local_steps``); without, they are Local SGD's.
+    """
+    config, point = config_of(message), point_of(client, message)
+    estimate = records_of(message.content, ArrayRecord).get(keys.ESTIMATE)
+    data, trainer = local_data(client, context), trainer_for(client.task, message, context)
+    last, loss = local_steps(
+        model_for(client, point),
+        client.task.loss_fn,
+        point,
+        data,
+        lr=config_number(config, keys.LR, float),
+        steps=config_number(config, keys.LOCAL_STEPS, int),
+        batch_size=config_number(config, keys.BATCH_SIZE, int),
+        generator=batch_generator(message, context),
+        trainer=trainer,
+        estimate=None if estimate is None else tensors(client, estimate),
+    )
+    return reply_with(message, {keys.ARRAYS: last}, loss, len(data), trainer.spend(context))
 
 
 class LocalSGD(GradientStrategy):
     """Local SGD; ``local_steps`` is K, ``batch_size`` b, ``lr`` the local step size η."""
+
+    client_actions = (ClientAction(keys.TRAIN_LOCAL, local),)
+    privacy_refusals = refusals("Local SGD", "train.local")
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -13,8 +13,10 @@ workers, not examples; and the global model is a point x of parameters (no
 buffers).
 """
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -35,9 +37,28 @@ from fedsim.strategies.aggregation import (
     shapes_of,
     to_metric_record,
 )
-from fedsim.strategies.fedavg import FedAvg, skip_reply
+from fedsim.strategies.fedavg import addressed, mean_metrics, skip_reply, valid_replies
+from fedsim.strategies.sampling import CohortSampler
+
+if TYPE_CHECKING:  # it imports Opacus's accountants: only the DP wrappers load it
+    from fedsim.strategies.gaussian_sum_release import GaussianSumRelease
 
 Vector = dict[str, np.ndarray]
+logger = logging.getLogger(__name__)
+
+
+def refusals(strategy: str, message_types: str) -> dict[str, str]:
+    """Why a multi-exchange strategy refuses local and central DP (it honours DP-SGD)."""
+    return {
+        "privacy.local_dp": (
+            f"the local privatizer privatizes the model of a plain 'train' reply; {strategy}'s "
+            f"clients answer {message_types}"
+        ),
+        "privacy.central_dp": (
+            f"central DP replaces a one-exchange strategy's aggregation; {strategy} runs "
+            "several exchanges of its own per round"
+        ),
+    }
 
 
 class RunsItsOwnRounds:
@@ -113,10 +134,14 @@ class WrapsStrategy(RunsItsOwnRounds, Strategy):
     """Base of wrappers (central DP, secure aggregation) around a one-exchange strategy.
 
     The wrapper runs its own training round; the inner strategy, held in
-    ``self.strategy``, keeps federated evaluation and the summary.
+    ``self.strategy``, keeps federated evaluation and the summary. A wrapper that
+    releases its aggregate with differential privacy holds the mechanism in
+    ``self.release`` (a ``GaussianSumRelease``): the loop reports its
+    :meth:`privacy` each round, and a checkpoint saves it beside the inner state.
     """
 
     strategy: Strategy
+    release: "GaussianSumRelease | None" = None
 
     @property
     def streams_replies(self) -> bool:
@@ -162,15 +187,23 @@ class WrapsStrategy(RunsItsOwnRounds, Strategy):
         )
         return new_arrays
 
+    def privacy(self) -> dict[str, float]:
+        """Return the ε spent so far at δ; nothing without a DP release."""
+        return self.release.privacy() if self.release is not None else {}
+
     def state_dict(self) -> dict[str, Any]:
-        """Return the inner strategy's state (when it has one)."""
+        """Return the inner strategy's state (when it has one) and the release's."""
         inner = self.strategy.state_dict() if isinstance(self.strategy, Stateful) else None
-        return {"inner": inner}
+        if self.release is None:
+            return {"inner": inner}
+        return {"inner": inner, "release": self.release.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         if state["inner"] is not None and isinstance(self.strategy, Stateful):
             self.strategy.load_state_dict(state["inner"])
+        if self.release is not None:
+            self.release.load_state_dict(state["release"])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -189,8 +222,12 @@ class WrapsStrategy(RunsItsOwnRounds, Strategy):
         self.strategy.summary()
 
 
-class GradientStrategy(RunsItsOwnRounds, FedAvg):
-    """Shared machinery: worker cohorts, per-exchange configs, reply means, ``start``.
+@dataclass(kw_only=True, eq=False)
+class GradientStrategy(RunsItsOwnRounds, Strategy):
+    """Base of BVR-L-SGD and its baselines: hyperparameters, worker cohorts, reply means.
+
+    Cohorts come from a :class:`CohortSampler` and federated evaluation is
+    FedAvg's (``addressed``, ``mean_metrics``), both by composition.
 
     Parameters
     ----------
@@ -201,35 +238,64 @@ class GradientStrategy(RunsItsOwnRounds, FedAvg):
         Minibatch size b of local steps, or B of the non-local methods' gradients.
     local_steps
         K, the number of local steps per round (local methods).
-    seed, flower_kwargs
-        As for :class:`fedsim.strategies.FedAvg` (cohort fractions and minimums);
-        the paper's experiments use every worker each round (``fraction_train=1``).
+    seed, fraction_train, min_train_nodes, fraction_evaluate, min_evaluate_nodes, \
+min_available_nodes
+        The cohorts, as for :class:`fedsim.strategies.FedAvg`; the paper's experiments
+        use every worker each round (``fraction_train=1``).
     """
 
-    def __init__(
-        self,
-        *,
-        lr: float,
-        batch_size: int,
-        local_steps: int = 1,
-        seed: int = 0,
-        **flower_kwargs: object,
-    ) -> None:
-        super().__init__(seed=seed, **flower_kwargs)
-        for name, value, low in (
-            ("lr", lr, 0),
-            ("batch_size", batch_size, 0),
-            ("local_steps", local_steps, 0),
-        ):
-            if not value > low:
-                raise ValueError(f"{name} must be > {low}, got {value}")
-        self.lr, self.batch_size, self.local_steps = lr, batch_size, local_steps
+    lr: float
+    batch_size: int
+    local_steps: int = 1
+    seed: int = 0
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+
+    # Means over workers, each reply once, in any order: replies may stream.
+    streams_replies: ClassVar[bool] = True
+    # Every client action computes through the task's trainer (``trainer_for``), which
+    # clips and noises each query under DP-SGD; privacy_refusals says why not the others.
+    honours_privacy: ClassVar[frozenset[str]] = frozenset({"client.dp_sgd"})
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "batch_size", "local_steps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        self.cohorts = CohortSampler(
+            seed=self.seed,
+            fraction_train=self.fraction_train,
+            min_train_nodes=self.min_train_nodes,
+            fraction_evaluate=self.fraction_evaluate,
+            min_evaluate_nodes=self.min_evaluate_nodes,
+            min_available_nodes=self.min_available_nodes,
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluate the global point on a seeded cohort, as FedAvg does."""
+        cohort = self.cohorts.sample(server_round, grid, train=False)
+        return addressed(server_round, {keys.ARRAYS: arrays}, config, cohort, MessageType.EVALUATE)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Weighted mean of the evaluation metrics, as FedAvg takes it."""
+        return mean_metrics(replies, keys.NUM_EXAMPLES)
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        logger.info("%s: lr %g, batch %d, K %d, %s", type(self).__name__, self.lr,
+                    self.batch_size, self.local_steps, self.cohorts)  # fmt: skip
 
     # ------------------------------------------------------------------ helpers
 
     def workers(self, server_round: int, grid: Grid) -> list[int]:
         """Return the round's workers: a seeded cohort (all nodes by default)."""
-        return self._cohort(server_round, grid, train=True)
+        return self.cohorts.sample(server_round, grid, train=True)
 
     def exchange_config(
         self, config: ConfigRecord, *, batch_size: int | None = None, lr: float | None = None
@@ -253,8 +319,7 @@ class GradientStrategy(RunsItsOwnRounds, FedAvg):
         **records: ArrayRecord,
     ) -> list[Message]:
         """Address one RecordDict (config plus named array records) to every node."""
-        content = RecordDict({**records, self.configrecord_key: config})
-        return self._messages(server_round, content, node_ids, message_type)
+        return addressed(server_round, records, config, node_ids, message_type)
 
     def mean_of_replies(
         self, replies: Iterable[Message], shapes: dict[str, tuple[int, ...]], *names: str
@@ -285,7 +350,7 @@ class GradientStrategy(RunsItsOwnRounds, FedAvg):
     def _unpacked(
         self, replies: Iterable[Message], names: tuple[str, ...]
     ) -> Iterator[tuple[Message, list[Vector], dict[str, np.ndarray]]]:
-        for reply in self._valid(replies):
+        for reply in valid_replies(replies):
             try:
                 vectors = [
                     arrays_of(get_record(reply.content, name, ArrayRecord)) for name in names
@@ -294,7 +359,7 @@ class GradientStrategy(RunsItsOwnRounds, FedAvg):
             except KeyError as exc:
                 skip_reply(reply, str(exc))
                 continue
-            yield reply, vectors, metric_values(metric_record, exclude=self.weighted_by_key)
+            yield reply, vectors, metric_values(metric_record, exclude=keys.NUM_EXAMPLES)
 
     def pick(self, server_round: int, node_ids: list[int], purpose: str = "pick") -> int:
         """Draw one node uniformly from ``node_ids`` with a generator seeded by the round."""

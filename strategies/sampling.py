@@ -3,9 +3,13 @@
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from flwr.app import MessageType
 from flwr.serverapp import Grid
+
+from fedsim.seeding import SERVER_NODE, numpy_rng
 
 logger = logging.getLogger(__name__)
 
@@ -57,3 +61,47 @@ def poisson_cohort(node_ids: Sequence[int], *, rate: float, rng: np.random.Gener
     if not 0 <= rate <= 1:
         raise ValueError(f"sampling rate must lie in [0, 1], got {rate}")
     return sample_cohort(node_ids, int(rng.binomial(len(node_ids), rate)), rng)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CohortSampler:
+    """A round's training and evaluation cohorts, drawn from ``(seed, round)`` alone.
+
+    Flower's strategies draw cohorts from the global ``random`` module; this draws
+    from a generator seeded by the run's seed and the round, so a run replays
+    exactly and any round can be reproduced in isolation. The sizes follow
+    Flower's rule: ``max(int(fraction * population), minimum)``, capped at the
+    population.
+    """
+
+    seed: int = 0
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("min_train_nodes", "min_evaluate_nodes", "min_available_nodes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def sample(self, server_round: int, grid: Grid, *, train: bool) -> list[int]:
+        """Return the round's training (or evaluation) cohort, in ascending node order."""
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        minimum = self.min_train_nodes if train else self.min_evaluate_nodes
+        if fraction == 0.0:
+            return []
+        node_ids = available_nodes(grid, max(self.min_available_nodes, minimum))
+        size = min(max(int(len(node_ids) * fraction), minimum), len(node_ids))
+        purpose = f"sample-{MessageType.TRAIN if train else MessageType.EVALUATE}"
+        cohort = sample_cohort(
+            node_ids, size, numpy_rng(self.seed, server_round, SERVER_NODE, purpose)
+        )
+        logger.debug("%s: sampled %d of %d nodes", purpose, len(cohort), len(node_ids))
+        return cohort

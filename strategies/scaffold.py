@@ -8,26 +8,123 @@ steps x <- x + η_g mean Δy and c <- c + (|S| / N) mean Δc, |S| the workers th
 replied and N the population. 2d each way per worker.
 """
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
+from torch import Tensor, nn
 
 from fedsim import keys
+from fedsim.algorithm import ClientAction
 from fedsim.arrays import to_array_record
+from fedsim.clients import TorchClient
+from fedsim.clients.local_routines import LocalData, Point, mean_loss
+from fedsim.clients.points import (
+    batch_generator,
+    config_of,
+    local_data,
+    model_for,
+    point_of,
+    reply_with,
+    tensors,
+    to_record,
+)
+from fedsim.clients.trainer import Trainer, trainer_for
+from fedsim.clients.training import LossFn
 from fedsim.loop import TrainRound
-from fedsim.strategies.multi_exchange import GradientStrategy, Vector, shapes_and_vector, step
+from fedsim.records import config_number, get_record, records_of
+from fedsim.strategies.multi_exchange import (
+    GradientStrategy,
+    Vector,
+    refusals,
+    shapes_and_vector,
+    step,
+)
 from fedsim.strategies.sampling import available_nodes
 
 
+def scaffold_steps(
+    model: nn.Module,
+    loss_fn: LossFn,
+    start: Mapping[str, Tensor],
+    data: LocalData,
+    *,
+    lr: float,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    trainer: Trainer,
+    server_control: Mapping[str, Tensor],
+    client_control: Mapping[str, Tensor],
+) -> tuple[Point, Point, Point, float]:
+    """SCAFFOLD's client (Karimireddy et al., ICML 2020, option II).
+
+    y <- y - lr (g(y; I_k) - c_p + c) for ``steps`` steps from x; then
+    c_p+ = c_p - c + (x - y) / (steps lr). Returns (Δy = y - x, Δc = c_p+ - c_p,
+    c_p+, mean loss). Gradients and batches come from ``trainer`` (plain or DP-SGD).
+    """
+    point = {name: value.detach() for name, value in start.items()}
+    correction = {name: server_control[name] - client_control[name] for name in point}
+    losses = []
+    for _ in range(steps):
+        batch = trainer.batch(data, batch_size, generator)
+        gradient, loss = trainer.gradient(model, loss_fn, point, batch)
+        losses.append(loss)
+        point = {name: point[name] - lr * (gradient[name] + correction[name]) for name in point}
+    delta = {name: point[name] - start[name] for name in point}
+    new_control = {
+        name: client_control[name] - server_control[name] - delta[name] / (steps * lr)
+        for name in point
+    }
+    control_delta = {name: new_control[name] - client_control[name] for name in point}
+    return delta, control_delta, new_control, mean_loss(losses)
+
+
+def scaffold(client: TorchClient, message: Message, context: Context) -> Message:
+    """Client action ``train.scaffold``: reply Δy and Δc; keep c_p in ``Context.state``."""
+    config, point = config_of(message), point_of(client, message)
+    server_control = tensors(client, get_record(message.content, keys.CONTROL, ArrayRecord))
+    stored = records_of(context.state, ArrayRecord).get(keys.CLIENT_CONTROL)
+    client_control = (
+        tensors(client, stored)
+        if stored is not None
+        else {name: torch.zeros_like(value) for name, value in point.items()}
+    )
+    data, trainer = local_data(client, context), trainer_for(client.task, message, context)
+    delta, control_delta, new_control, loss = scaffold_steps(
+        model_for(client, point),
+        client.task.loss_fn,
+        point,
+        data,
+        lr=config_number(config, keys.LR, float),
+        steps=config_number(config, keys.LOCAL_STEPS, int),
+        batch_size=config_number(config, keys.BATCH_SIZE, int),
+        generator=batch_generator(message, context),
+        trainer=trainer,
+        server_control=server_control,
+        client_control=client_control,
+    )
+    context.state[keys.CLIENT_CONTROL] = to_record(new_control)
+    vectors = {keys.ARRAYS: delta, keys.CONTROL: control_delta}
+    return reply_with(message, vectors, loss, len(data), trainer.spend(context))
+
+
+@dataclass(kw_only=True, eq=False)
 class SCAFFOLD(GradientStrategy):
     """SCAFFOLD; ``lr`` is the local η_l, ``server_lr`` the global η_g (1 in the paper's runs)."""
 
-    def __init__(self, *, server_lr: float = 1.0, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        if not server_lr > 0:
-            raise ValueError(f"server_lr must be > 0, got {server_lr}")
-        self.server_lr = server_lr
+    server_lr: float = 1.0
+
+    client_actions = (ClientAction(keys.TRAIN_SCAFFOLD, scaffold),)
+    privacy_refusals = refusals("SCAFFOLD", "train.scaffold")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}")
         self.control: Vector | None = None  # the server's c
 
     def state_dict(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ server learns Σ w·Δ and Σ w over U3 and nothing per client; per-client metri
 (train loss) are not sent. Quantization error: below c/L per coordinate
 (``fedsim.privacy.secagg.quantization``); coordinates beyond ±c are clipped.
 
-:meth:`SecureAggregation.secure_sum` runs the four exchanges for any cohort and
+:meth:`SecureSummation.run` runs the four exchanges for any cohort and
 returns the unmasked sum; :class:`fedsim.strategies.secure_central_dp.SecureCentralDP`
 reuses it with its own cohort, unweighted L2-clipped inputs and central noise.
 """
@@ -75,13 +75,8 @@ class SecureAggregation(WrapsStrategy):
         A one-exchange strategy whose ``aggregate_train`` is a weighted mean of
         the replies' models followed by a server step (FedAvg and its
         descendants). It samples the cohort and runs federated evaluation.
-    clip_range
-        c: each coordinate of a client's update is clipped to [-c, c] before
-        quantization; the error bound is c/L, L = ⌊(2^31 - 1)/(W·|U2|)⌋.
-    max_weight
-        W: the most examples one client's update counts for.
-    threshold_fraction
-        Fraction of the sampled cohort that must answer every exchange.
+    clip_range, max_weight, threshold_fraction
+        As for :class:`SecureSummation`, which runs the protocol's exchanges.
 
     Clients must run :func:`fedsim.clients.secagg_mod.secure_client_app` (or
     register :class:`~fedsim.clients.secagg_mod.SecAggClient`).
@@ -95,17 +90,10 @@ class SecureAggregation(WrapsStrategy):
         max_weight: int = 1000,
         threshold_fraction: float = 2 / 3,
     ) -> None:
-        if not 0 < threshold_fraction <= 1:
-            raise ValueError(f"threshold_fraction must be in (0, 1], got {threshold_fraction}")
-        # Check c and W now rather than in the middle of the first round.
-        FieldQuantizer(clip_range=clip_range, levels=1, max_weight=max_weight)
         self.strategy = strategy
-        self.clip_range, self.max_weight = float(clip_range), max_weight
-        self.threshold_fraction = threshold_fraction
-
-    def threshold(self, cohort_size: int) -> int:
-        """Return t: how many clients must answer each exchange (and Shamir's threshold)."""
-        return max(2, math.ceil(self.threshold_fraction * cohort_size))
+        self.summation = SecureSummation(
+            clip_range=clip_range, max_weight=max_weight, threshold_fraction=threshold_fraction
+        )
 
     def train_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -114,7 +102,7 @@ class SecureAggregation(WrapsStrategy):
         instructions, content = self.training_content(server_round, arrays, config, grid)
         cohort = [message.metadata.dst_node_id for message in instructions]
         start, layout = flatten(arrays_of(arrays))
-        outcome = yield from self.secure_sum(
+        outcome = yield from self.summation.run(
             server_round,
             cohort,
             content,
@@ -133,7 +121,37 @@ class SecureAggregation(WrapsStrategy):
         metrics[self.weight_key] = weight
         return new_arrays, metrics
 
-    def secure_sum(
+
+@dataclass(frozen=True, kw_only=True)
+class SecureSummation:
+    """The server's side of the protocol: four exchanges that end in the cohort's unmasked sum.
+
+    Parameters
+    ----------
+    clip_range
+        c: each coordinate of a client's update is clipped to [-c, c] before
+        quantization; the error bound is c/L, L = ⌊(2^31 - 1)/(W·|U2|)⌋.
+    max_weight
+        W: the most examples one client's update counts for.
+    threshold_fraction
+        Fraction of the sampled cohort that must answer every exchange.
+    """
+
+    clip_range: float
+    max_weight: int = 1000
+    threshold_fraction: float = 2 / 3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold_fraction <= 1:
+            raise ValueError(f"threshold_fraction must be in (0, 1], got {self.threshold_fraction}")
+        # Check c and W now rather than in the middle of the first round.
+        FieldQuantizer(clip_range=self.clip_range, levels=1, max_weight=self.max_weight)
+
+    def threshold(self, cohort_size: int) -> int:
+        """Return t: how many clients must answer each exchange (and Shamir's threshold)."""
+        return max(2, math.ceil(self.threshold_fraction * cohort_size))
+
+    def run(
         self,
         server_round: int,
         cohort: list[int],
@@ -144,7 +162,7 @@ class SecureAggregation(WrapsStrategy):
     ) -> Generator[list[Message], Iterable[Message], "SecureSum | None"]:
         """Run the four exchanges with ``cohort``; return the unmasked sum, or None if stopped.
 
-        ``train_content`` (model and config, see :meth:`training_content`) goes with
+        ``train_content`` (model and config, see ``WrapsStrategy.training_content``) goes with
         the masked-input exchange, its config with every exchange; ``contribution``
         tells clients what to mask: their weighted update (``wire.WEIGHT_KEY``) or
         their update L2-clipped, with weight 1 (``wire.L2_CLIP``).

@@ -39,16 +39,13 @@ from fedsim.arrays import arrays_of
 from fedsim.loop import TrainRound
 from fedsim.privacy.flat import flatten, unflatten
 from fedsim.privacy.secagg import wire
-from fedsim.strategies.gaussian_sum_release import (
-    COHORT_METRIC,
-    GaussianSumRelease,
-    ReleasesPrivately,
-)
+from fedsim.strategies.gaussian_sum_release import COHORT_METRIC, GaussianSumRelease
+from fedsim.strategies.multi_exchange import WrapsStrategy
 from fedsim.strategies.sampling import available_nodes
-from fedsim.strategies.secure_aggregation import SecureAggregation
+from fedsim.strategies.secure_aggregation import SecureSummation
 
 
-class SecureCentralDP(SecureAggregation, ReleasesPrivately):
+class SecureCentralDP(WrapsStrategy):
     """Run ``strategy``'s training under secure aggregation with central DP on the sum.
 
     Parameters
@@ -80,12 +77,10 @@ class SecureCentralDP(SecureAggregation, ReleasesPrivately):
         release: GaussianSumRelease,
         threshold_fraction: float = 2 / 3,
     ) -> None:
+        self.strategy = strategy
         # c = S: every coordinate of an update of L2 norm at most S is within [-S, S].
-        super().__init__(
-            strategy,
-            clip_range=release.clip_norm,
-            max_weight=1,
-            threshold_fraction=threshold_fraction,
+        self.summation = SecureSummation(
+            clip_range=release.clip_norm, max_weight=1, threshold_fraction=threshold_fraction
         )
         self.release = release
 
@@ -97,7 +92,7 @@ class SecureCentralDP(SecureAggregation, ReleasesPrivately):
         cohort = self.release.cohort(server_round, node_ids)
         _, content = self.training_content(server_round, arrays, config, grid)
         start, layout = flatten(arrays_of(arrays))
-        outcome = yield from self.secure_sum(
+        outcome = yield from self.summation.run(
             server_round,
             cohort,
             content,

@@ -7,11 +7,13 @@ import pytest
 import torch
 from flwr.app import Context, Message
 
+from fedsim.algorithm import ClientAction
 from fedsim.cli import main
-from fedsim.clients import GradientClient, client_app
+from fedsim.clients import TorchClient, make_client_app
 from fedsim.config import load_config
 from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, run_on_grid
+from fedsim.strategies.scaffold import SCAFFOLD, scaffold
 
 # 10 workers, all in each round, tiny MLP: strategies with server and client state.
 SMALL = [
@@ -51,16 +53,17 @@ def test_resuming_gives_the_uninterrupted_model_bit_for_bit(
 def test_a_crashed_run_resumes_after_its_last_finished_round(tmp_path: Path) -> None:
     overrides = [f"output_dir={tmp_path}", *SMALL, "strategy.name=scaffold", "rounds=5"]
     config = load_config(CONFIG, [*overrides, "name=crashed"])
-    real = GradientClient(build_task(config))
 
-    class CrashesInRoundFour(GradientClient):
-        def scaffold(self, message: Message, context: Context) -> Message:
-            if message.content["config"]["server-round"] == 4:
-                raise KeyboardInterrupt
-            return real.scaffold(message, context)
+    def crashes_in_round_four(client: TorchClient, message: Message, context: Context) -> Message:
+        if message.content["config"]["server-round"] == 4:
+            raise KeyboardInterrupt
+        return scaffold(client, message, context)
 
-    crashing = CrashesInRoundFour(build_task(config))
-    grid = InlineGrid(client_app(lambda _: crashing), num_nodes=config.data.num_clients)
+    class CrashingSCAFFOLD(SCAFFOLD):
+        client_actions = (ClientAction("train.scaffold", crashes_in_round_four),)
+
+    app = make_client_app(build_task(config), algorithms=[CrashingSCAFFOLD])
+    grid = InlineGrid(app, num_nodes=config.data.num_clients)
     with pytest.raises(KeyboardInterrupt):
         run_on_grid(config, grid, engine="inline")
     assert _run(tmp_path, "crashed", "strategy.name=scaffold", "rounds=5", resume=True) == 0

@@ -48,7 +48,8 @@ def grid_for(workers: list[TensorDataset]) -> InlineGrid:
         loss_fn=half_mse,
         load_partition=lambda partition, _n: workers[partition],
     )
-    return InlineGrid(make_client_app(task), num_nodes=len(workers))
+    algorithms = [BVRLSGD, SARAH, MinibatchSGD, LocalSGD, SCAFFOLD]
+    return InlineGrid(make_client_app(task, algorithms=algorithms), num_nodes=len(workers))
 
 
 def run(strategy, workers, *, rounds: int, start: np.ndarray | None = None):

@@ -43,7 +43,7 @@ from fedsim.privacy.secagg.quantization import MODULUS, FieldQuantizer, levels_f
 from fedsim.records import records_of
 from fedsim.seeding import numpy_rng
 from fedsim.strategies import FedAvg
-from fedsim.strategies.secure_aggregation import SecureAggregation
+from fedsim.strategies.secure_aggregation import SecureAggregation, SecureSummation
 
 N = 10
 CLIP = 1.0
@@ -319,7 +319,7 @@ def test_too_many_dropouts_keep_the_previous_model(caplog: pytest.LogCaptureFixt
 
 
 def test_clients_refuse_to_reveal_both_secrets_of_one_client() -> None:
-    class Curious(SecureAggregation):
+    class Curious(SecureSummation):
         """Claims a survivor dropped out, to get its self seed and its mask key."""
 
         def _send(self, nodes, message_type, records):
@@ -328,8 +328,10 @@ def test_clients_refuse_to_reveal_both_secrets_of_one_client() -> None:
                 lists[wire.DROPPED] = [lists[wire.SURVIVORS][0]]
             return super()._send(nodes, message_type, records)
 
+    curious = secure(SecureAggregation)
+    curious.summation = Curious(clip_range=CLIP, max_weight=MAX_WEIGHT)
     grid = ServerView(secure_client_app(TASK))
-    final, _ = run_secure(grid, strategy=secure(Curious))
+    final, _ = run_secure(grid, strategy=curious)
     unmask_replies = [reply for kind, reply in grid.replies if kind == wire.UNMASK]
     assert len(unmask_replies) == N and all(reply.has_error() for reply in unmask_replies)
     start = arrays_of(initial_arrays())

@@ -149,6 +149,32 @@ def build_federated_data(
         central = load_digits(test_fraction=test_fraction, seed=seed)
     else:
         central = load_flwr_dataset(dataset, seed=seed)
+    return partitioned(
+        central,
+        partitioner=partitioner,
+        num_clients=num_clients,
+        seed=seed,
+        alpha=alpha,
+        shards_per_client=shards_per_client,
+        q=q,
+    )
+
+
+def partitioned(
+    central: CentralDataset,
+    *,
+    partitioner: str,
+    num_clients: int,
+    seed: int,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    q: float = 0.0,
+) -> FederatedData:
+    """Partition ``central``'s train split by label with one of ``SCHEMES``.
+
+    The parameters are :func:`build_federated_data`'s; a dataset plug-in's
+    ``CentralDataset`` goes through here too.
+    """
     partitions = partition_indices(
         central.train_y.numpy(),
         scheme=partitioner,

@@ -1,0 +1,107 @@
+"""The algorithm seam: what a strategy class declares besides Flower's ``Strategy`` API.
+
+An algorithm is a strategy class plus the client actions that answer its
+message types. The class declares two things, so that fedsim can compose a
+ClientApp for it and check a run's privacy options before any work:
+
+``client_actions``
+    A tuple of :class:`ClientAction`: for each message type the strategy sends
+    besides Flower's plain ``train`` and ``evaluate`` (which every fedsim client
+    answers), the handler that answers it. Missing means none.
+``honours_privacy``
+    The privacy options (:data:`PRIVACY_OPTIONS`) the algorithm gives in full,
+    and ``privacy_refusals`` says why it refuses the others. Missing means it
+    honours none: a privacy option a strategy cannot honour is refused before the
+    run starts, never skipped silently.
+
+Client mods (Flower's ``call_next`` middleware) that change what a client sends
+come as :class:`ClientMod`, which names the message types the mod is written for;
+a ClientApp whose algorithms send another type refuses to start.
+"""
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import Mod
+
+if TYPE_CHECKING:
+    from fedsim.clients.torch_client import TorchClient
+
+#: The privacy options of a run config, and what each one promises.
+PRIVACY_OPTIONS: Mapping[str, str] = {
+    "client.dp_sgd": "record-level DP-SGD on every client, each node's ε reported",
+    "privacy.local_dp": "every update privatized on the device (PrivUnit2 + ScalarDP)",
+    "privacy.central_dp": "the aggregate released with Gaussian noise, ε accounted",
+}
+
+Handler = Callable[["TorchClient", Message, Context], Message]
+
+
+@dataclass(frozen=True)
+class ClientAction:
+    """A message type a strategy sends, and the client handler that answers it.
+
+    ``message_type`` is Flower's ``"<category>.<action>"`` (``"train.scaffold"``);
+    the handler gets the process's :class:`~fedsim.clients.TorchClient` (model,
+    device, data), the message and the node's context, and returns the reply.
+    """
+
+    message_type: str
+    handler: Handler
+
+
+@dataclass(frozen=True)
+class ClientMod:
+    """A Flower mod and the message types it is written for.
+
+    A mod that privatizes ``train`` replies would pass a ``train.scaffold`` reply
+    through untouched: a ClientApp refuses to start with a mod that would see a
+    message type outside ``handles``.
+    """
+
+    mod: Mod
+    handles: frozenset[str]
+    name: str
+
+
+#: The message types every fedsim ClientApp answers: Flower's plain ones.
+STANDARD_MESSAGE_TYPES = frozenset({MessageType.TRAIN, MessageType.EVALUATE})
+
+
+def client_actions(strategy_class: type) -> tuple[ClientAction, ...]:
+    """Return the client actions ``strategy_class`` declares (none for Flower's own)."""
+    return tuple(getattr(strategy_class, "client_actions", ()))
+
+
+def message_types(strategy_classes: Iterable[type]) -> frozenset[str]:
+    """Return every message type a ClientApp for these strategies answers."""
+    declared = {a.message_type for cls in strategy_classes for a in client_actions(cls)}
+    return STANDARD_MESSAGE_TYPES | declared
+
+
+def privacy_refusal(strategy_class: type, option: str) -> str | None:
+    """Return why ``strategy_class`` cannot honour ``option``, or ``None`` if it does."""
+    if option not in PRIVACY_OPTIONS:
+        raise ValueError(f"unknown privacy option {option!r}; one of {', '.join(PRIVACY_OPTIONS)}")
+    if option in getattr(strategy_class, "honours_privacy", frozenset()):
+        return None
+    reasons: Mapping[str, str] = getattr(strategy_class, "privacy_refusals", {})
+    return reasons.get(
+        option,
+        f"{strategy_class.__name__} does not declare that it honours {option} "
+        "(honours_privacy on the strategy class)",
+    )
+
+
+def check_mods(mods: Iterable[ClientMod], sent: frozenset[str]) -> None:
+    """Raise ``ValueError`` if a mod would see a message type it is not written for."""
+    for client_mod in mods:
+        unknown = sorted(sent - client_mod.handles)
+        if unknown:
+            raise ValueError(
+                f"the {client_mod.name} mod handles {', '.join(sorted(client_mod.handles))} "
+                f"messages, but the strategy also sends {', '.join(unknown)}: their replies "
+                "would pass through it unchanged"
+            )

@@ -1,0 +1,141 @@
+"""From a config's names to the strategy class and model factory, checked before any work.
+
+:func:`check_composition` is the config's last check (``parse_config`` calls it):
+the strategy and model resolve (shipped names or plug-ins by import path, see
+:mod:`fedsim.registry`), a plug-in's ``params`` fit its signature, and every
+privacy option the config turns on is one the strategy honours
+(:mod:`fedsim.algorithm`). A combination that would run without the protection
+it asks for is refused here, in one line, not discovered mid-run or never.
+The builders below read the same resolution, so what was checked is what runs.
+"""
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from fedsim.algorithm import privacy_refusal
+from fedsim.config import ConfigError, DataConfig, RunConfig
+from fedsim.data.datasets import CentralDataset
+from fedsim.data.federated import DATASETS as SHIPPED_DATASETS
+from fedsim.registry import (
+    MODELS,
+    STRATEGIES,
+    check_name,
+    checked_params,
+    is_import_path,
+    resolve,
+)
+
+#: Keywords fedsim passes to a plug-in strategy class that takes them: the run's seed
+#: and the cohort sizes of ``strategy.clients_per_round`` and ``strategy.evaluate_clients``.
+COHORT_KEYWORDS = (
+    "seed",
+    "fraction_train",
+    "min_train_nodes",
+    "fraction_evaluate",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+)
+#: Keywords fedsim passes to a plug-in model factory that takes them.
+MODEL_KEYWORDS = ("input_shape", "num_classes")
+#: Keywords fedsim passes to a plug-in dataset loader that takes them.
+DATA_KEYWORDS = ("seed", "test_fraction")
+#: Shipped datasets, built by ``fedsim.data.build_federated_data``.
+DATASETS = {name: "" for name in SHIPPED_DATASETS}
+
+
+def strategy_class(config: RunConfig) -> type:
+    """Return the class ``strategy.name`` names."""
+    found = resolve("strategy.name", config.strategy.name, STRATEGIES)
+    if not isinstance(found, type):
+        raise ConfigError(f"strategy.name = {config.strategy.name!r} is not a class")
+    return found
+
+
+def check_composition(config: RunConfig) -> None:
+    """Raise ``ConfigError`` unless the config's pieces fit together; see the module docstring."""
+    cls = strategy_class(config)
+    _check_params("strategy", config.strategy.name, cls, config.strategy.params, COHORT_KEYWORDS)
+    factory = resolve("model.name", config.model.name, MODELS)
+    _check_params("model", config.model.name, factory, config.model.params, MODEL_KEYWORDS)
+    data = config.data
+    check_name("data.dataset", data.dataset, DATASETS)
+    loader = (
+        resolve("data.dataset", data.dataset, DATASETS) if is_import_path(data.dataset) else None
+    )
+    _check_params("data", data.dataset, loader, data.params, DATA_KEYWORDS)
+    asked = {
+        "client.dp_sgd": config.client.dp_sgd,
+        "privacy.local_dp": config.privacy.local_dp,
+        "privacy.central_dp": config.privacy.central_dp,
+    }
+    for option in (option for option, on in asked.items() if on):
+        reason = privacy_refusal(cls, option)
+        if reason is not None:
+            raise ConfigError(
+                f"{option} = true is refused with strategy.name = {config.strategy.name!r}: "
+                f"{reason} (docs/privacy.md lists what combines)"
+            )
+
+
+def _check_params(
+    table: str,
+    name: str,
+    target: Callable[..., Any] | None,
+    params: dict[str, Any],
+    passed: tuple[str, ...],
+) -> None:
+    if target is None or not is_import_path(name):
+        if params:
+            raise ConfigError(
+                f"{table}.params applies to a plug-in given by import path; {name!r} is "
+                f"shipped and takes its settings from the [{table}] table"
+            )
+        return
+    checked_params(f"{table}.params", target, params, supplied=_takes(target, passed))
+
+
+def _takes(target: Callable[..., Any], keywords: tuple[str, ...]) -> set[str]:
+    """Those of ``keywords`` that ``target`` accepts."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {k for k in keywords if k in parameters}
+
+
+def plugin_strategy(config: RunConfig, cohorts: dict[str, Any]) -> Any:
+    """Build a plug-in strategy: its params plus the cohort keywords it takes."""
+    cls = strategy_class(config)
+    passed = {k: v for k, v in cohorts.items() if k in _takes(cls, COHORT_KEYWORDS)}
+    return cls(**passed, **config.strategy.params)
+
+
+def plugin_dataset(data: DataConfig, seed: int) -> CentralDataset:
+    """Load the central dataset of a loader given by import path (``data.dataset``)."""
+    loader = resolve("data.dataset", data.dataset, DATASETS)
+    offered = {"seed": seed, "test_fraction": data.test_fraction}
+    passed = {k: v for k, v in offered.items() if k in _takes(loader, DATA_KEYWORDS)}
+    central = loader(**passed, **data.params)
+    if not isinstance(central, CentralDataset):
+        raise TypeError(
+            f"data.dataset = {data.dataset!r} returned a {type(central).__name__}; "
+            "it must return a fedsim.data.datasets.CentralDataset"
+        )
+    return central
+
+
+def model_factory(
+    config: RunConfig, input_shape: tuple[int, ...], num_classes: int
+) -> Callable[[], nn.Module]:
+    """Return the zero-argument model factory of ``model.name``."""
+    factory = resolve("model.name", config.model.name, MODELS)
+    if not is_import_path(config.model.name):
+        hidden = config.model.hidden
+        return lambda: factory(input_shape, num_classes, hidden=hidden)
+    shape = {"input_shape": input_shape, "num_classes": num_classes}
+    passed = {k: v for k, v in shape.items() if k in _takes(factory, MODEL_KEYWORDS)}
+    params = config.model.params
+    return lambda: factory(**passed, **params)
