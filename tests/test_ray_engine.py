@@ -126,6 +126,27 @@ def test_state_survives_across_rounds_and_actors_and_failures_are_replies(grid: 
     assert grid.num_actors == 2
 
 
+def _calls(grid: RayGrid, partition: int) -> int:
+    """Return the calls the node of ``partition`` has counted in its Context.state."""
+    state = grid.nodes.context(grid.get_node_ids()[partition]).state
+    return int(state["calls"]["n"]) if "calls" in state else 0
+
+
+@pytest.mark.slow
+def test_pushed_messages_run_when_pulled_and_only_once(grid: RayGrid) -> None:
+    nodes = [0, 1, 2, 4]
+    before = [_calls(grid, p) for p in nodes]
+    ids = list(grid.push_messages(_messages(grid, nodes)))
+    assert [_calls(grid, p) for p in nodes] == before  # pushing runs nothing
+    replies = list(grid.pull_messages([*ids, "unknown"]))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(ids)
+    assert [_calls(grid, p) for p in nodes] == [n + 1 for n in before]
+    for reply in replies:
+        partition = grid.nodes.partition_id(reply.metadata.src_node_id)
+        assert reply.content["arrays"].to_numpy_ndarrays()[0].tolist() == [partition] * 2
+    assert list(grid.pull_messages(ids)) == []
+
+
 @pytest.mark.slow
 def test_shared_content_goes_to_the_object_store_once(
     grid: RayGrid, monkeypatch: pytest.MonkeyPatch

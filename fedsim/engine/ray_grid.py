@@ -256,7 +256,10 @@ class RayGrid(SimulatedGrid):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         self.compute_seconds = {}
-        yield from _Exchange(self, messages).run(deadline)
+        queued = list(messages)
+        for message in queued:
+            assign_message_id(message)  # pushed messages have theirs, which replies point to
+        yield from _Exchange(self, queued).run(deadline)
 
     def _deliver(self, batch: list[Message], results: list[Any]) -> Iterator[Message]:
         """Yield a finished batch's replies, keeping each node's new state and compute time."""
@@ -284,6 +287,8 @@ class RayGrid(SimulatedGrid):
 
 class _Exchange:
     """One exchange (``stream_replies``, ``pull_messages``): messages queued, each actor's tasks.
+
+    Messages come with their ids (given at push, or by ``stream_replies``).
 
     Ray runs an actor's tasks one at a time, in the order they were submitted. When
     an actor dies with several tasks unfinished, which message killed it is
@@ -343,7 +348,6 @@ class _Exchange:
                 batch.append(self.queue.popleft())
             jobs = []
             for message in batch:
-                assign_message_id(message)
                 context = self.grid.nodes.context(message.metadata.dst_node_id)
                 jobs.append((copy(message.metadata), context))
             task = actor.run.remote([ref], jobs)
@@ -408,7 +412,6 @@ class _Exchange:
             for message in batch:
                 yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
         for message in self.queue:
-            assign_message_id(message)
             yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
         for actor in {actor for _, actor in self.tasks.values()}:
             self.replace(actor)
