@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,6 +20,7 @@ from fedsim.engine.ray_grid import (
     RayResources,
     batch_size,
     pool_size,
+    release_kept_actors,
 )
 from fedsim.engine.simulated import threads_for
 from tests.conftest import run_cli
@@ -67,9 +69,11 @@ def _app() -> ClientApp:
     """Adds its partition id to the arrays, counts its calls in Context.state.
 
     Partition 3 always raises; partition 5 kills its worker process; a config
-    entry ``sleep`` makes every client sleep that long.
+    entry ``sleep`` makes every client sleep that long. ``app-calls`` counts the
+    calls this copy of the app has run (state a ClientApp keeps in its process).
     """
     app = ClientApp()
+    app_calls: list[int] = []
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -81,10 +85,17 @@ def _app() -> ClientApp:
         time.sleep(float(message.content["config"].get("sleep", 0.0)))
         calls = context.state.setdefault("calls", MetricRecord({"n": 0}))
         calls["n"] = calls["n"] + 1
+        app_calls.append(1)
         arrays = ArrayRecord([a.numpy() + partition for a in message.content["arrays"].values()])
         shared = next(iter(message.content["arrays"].values()))
         metrics = MetricRecord(
-            {"num-examples": 1, "calls": calls["n"], "pid": os.getpid(), "shared": id(shared)}
+            {
+                "num-examples": 1,
+                "calls": calls["n"],
+                "app-calls": len(app_calls),
+                "pid": os.getpid(),
+                "shared": id(shared),
+            }
         )
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
 
@@ -110,6 +121,47 @@ def _outcome(reply: Message) -> object:
         if reply.has_error()
         else reply.content["metrics"]["calls"]
     )
+
+
+def _app_calls_by_actor(replies: list[Message]) -> dict[int, int]:
+    """Return, per actor process, the calls its copy of the app had run by the last reply."""
+    calls: dict[int, int] = {}
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        calls[metrics["pid"]] = max(calls.get(metrics["pid"], 0), metrics["app-calls"])
+    return calls
+
+
+@pytest.mark.slow
+def test_a_kept_pool_starts_the_next_grid_at_once_as_if_new() -> None:
+    # Defined before the tests that use the module's grid, so that it runs while no Ray
+    # is up: the kept pool would not fit beside that grid's actors.
+    assert not ray.is_initialized(), "this test starts and stops its own Ray"
+    nodes, resources = [0, 1, 2, 4, 6, 7], RayResources(num_actors=2)
+    with RayGrid(_app(), num_nodes=8, resources=resources, keep_actors=True) as first:
+        before = first.send_and_receive(_messages(first, nodes))
+    assert ray.is_initialized()  # kept for the pool, with the actors
+
+    # An app built again pickles to the same bytes: the next grid takes the pool.
+    with RayGrid(_app(), num_nodes=8, resources=resources, keep_actors=True) as second:
+        assert second.ray_init_s == 0.0 and second.pool_startup_s < 1.0
+        after = second.send_and_receive(_messages(second, nodes))
+    assert _app_calls_by_actor(after).keys() == _app_calls_by_actor(before).keys()  # same actors
+    # As new: node state lives on the driver, and each actor's app is a new copy.
+    assert [_outcome(r) for r in after] == [_outcome(r) for r in before] == [1] * len(nodes)
+    assert sum(_app_calls_by_actor(after).values()) == len(nodes)
+    arrays = [r.content["arrays"].to_numpy_ndarrays()[0].tolist() for r in after]
+    assert arrays == [[p, p] for p in nodes]  # zeros plus the partition id
+
+    # Other settings do not fit the kept actors: they go, new ones start, and this grid,
+    # which takes over the Ray the first grid started, leaves it to release_kept_actors.
+    with RayGrid(
+        _app(), num_nodes=8, resources=resources, check_finite_arrays=False, keep_actors=True
+    ) as other:
+        replies = other.send_and_receive(_messages(other, nodes))
+    assert not _app_calls_by_actor(replies).keys() & _app_calls_by_actor(after).keys()
+    release_kept_actors()
+    assert not ray.is_initialized()
 
 
 @pytest.mark.slow

@@ -11,8 +11,16 @@ waits for the driver between batches. Replies stream back batch by batch, in
 completion order, into the strategy's streaming aggregation. Node contexts stay on
 the driver and travel with each message, so a node's ``Context.state`` survives
 across rounds whichever actor runs it next.
+
+Starting a pool costs what each actor imports to load the ClientApp (torch alone
+takes seconds); Ray's own part is about half a second, as its workers are already
+up when ``ray.init`` returns and the actors start together. A grid made with
+``keep_actors=True`` hands its pool, and Ray if it started Ray, on to the next grid
+of this process with the same ClientApp and resources, which then starts in
+milliseconds (docs/engines.md, "Ray start-up").
 """
 
+import hashlib
 import logging
 import math
 import os
@@ -23,6 +31,7 @@ from copy import copy
 from dataclasses import dataclass
 from typing import Any
 
+import cloudpickle
 import ray
 import torch
 from flwr.app import Context, Message, RecordDict, UserConfig
@@ -111,20 +120,34 @@ class _NodeActor:
     """A Ray actor that runs messages on its own copy of the ClientApp."""
 
     def __init__(
-        self, client_app: ClientApp, num_threads: int, uses_gpu: bool, check_finite_arrays: bool
+        self, app_bytes: bytes, num_threads: int, uses_gpu: bool, check_finite_arrays: bool
     ) -> None:
         if not uses_gpu:
             # A CPU-only actor must not grab a GPU through device "auto"; hiding them
             # here (before CUDA initializes) holds whatever Ray's default is.
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        torch.set_num_threads(num_threads)
-        self._client_app = client_app
+        self._app_bytes = app_bytes
+        self._num_threads = num_threads
         self._check_finite_arrays = check_finite_arrays
-        self._content_ref: ray.ObjectRef | None = None
-        self._content = RecordDict()
+        self._fresh_seed = torch.initial_seed()
+        self.reset()  # the first load imports what the ClientApp needs: most of start-up
 
     def ready(self) -> bool:
         return True
+
+    def reset(self) -> None:
+        """Start a grid as a new actor would: a new ClientApp, torch as it started.
+
+        A kept actor serves the next grid (``keep_actors``); a new copy of the
+        ClientApp drops what the last grid's clients kept in it, and the global
+        RNG goes back to its state at start, so a reused actor computes what a
+        new one would. Node contexts live on the driver, not here.
+        """
+        self._client_app: ClientApp = cloudpickle.loads(self._app_bytes)
+        torch.manual_seed(self._fresh_seed)
+        torch.set_num_threads(self._num_threads)
+        self._content_ref: ray.ObjectRef | None = None
+        self._content = RecordDict()
 
     def run(
         self, content: list[ray.ObjectRef], jobs: list[tuple[Any, Context]]
@@ -162,13 +185,82 @@ class _NodeActor:
         return self._content
 
 
+@dataclass(frozen=True)
+class _PoolKey:
+    """What makes an actor fit a grid: its Ray session, ClientApp and resources."""
+
+    session: str  # Ray's job and node ids: actors die with the Ray they ran on
+    app: str  # sha256 of the pickled ClientApp: equal bytes unpickle to the same app
+    num_cpus: float
+    num_gpus: float
+    check_finite_arrays: bool
+
+
+@dataclass
+class _KeptPool:
+    """A pool a grid handed on at shutdown (``keep_actors=True``).
+
+    ``owns_ray``: a grid started this Ray and left it running for the pool; the
+    grid that takes the pool takes over stopping it.
+    """
+
+    key: _PoolKey
+    actors: list[Any]
+    owns_ray: bool
+
+
+#: The pool kept for the next grid of this process. One at most: kept actors hold their
+#: CPUs and GPUs, so a grid that cannot use them kills them before it starts its own.
+_kept: _KeptPool | None = None
+
+
+def _session() -> str:
+    context = ray.get_runtime_context()
+    return f"{context.get_job_id()}/{context.get_node_id()}"
+
+
+def _take_kept(session: str) -> _KeptPool | None:
+    """Return the kept pool if it lives in ``session``; forget it either way."""
+    global _kept
+    kept, _kept = _kept, None
+    return kept if kept is not None and kept.key.session == session else None
+
+
+def _keep(pool: _KeptPool) -> None:
+    """Keep ``pool``; a pool kept before it (by a grid that ran alongside) is killed."""
+    global _kept
+    older = _take_kept(pool.key.session)
+    if older is not None:
+        for actor in older.actors:
+            ray.kill(actor)
+        pool.owns_ray |= older.owns_ray
+    _kept = pool
+
+
+def release_kept_actors() -> None:
+    """Kill the pool a grid kept (``keep_actors=True``), and Ray if a grid started it.
+
+    Ray's own exit hook ends both anyway; call this to free their CPUs and GPUs
+    (and memory) earlier, for other Ray work of this process.
+    """
+    if not ray.is_initialized():
+        _take_kept("")
+        return
+    kept = _take_kept(_session())
+    if kept is not None:
+        for actor in kept.actors:
+            ray.kill(actor)
+        if kept.owns_ray:
+            ray.shutdown()
+
+
 class RayGrid(SimulatedGrid):
     """Run messages on a pool of Ray actors; see the module docstring.
 
     Parameters
     ----------
     client_app
-        The ClientApp every node runs; shipped once to each actor.
+        The ClientApp every node runs; pickled once, loaded once by each actor.
     num_nodes
         Size of the simulated population (nodes cost nothing until sampled).
     run_config
@@ -180,6 +272,22 @@ class RayGrid(SimulatedGrid):
         ``"ray://host:port"`` joins an existing cluster.
     run_id, check_finite_arrays
         As for :class:`fedsim.engine.InlineGrid`.
+    keep_actors
+        At shutdown, hand the actors (and Ray, if this grid started it) on to the
+        next ``RayGrid`` of this process instead of stopping them. A grid with the
+        same ClientApp (equal pickled bytes) and resources then starts in
+        milliseconds on them, each with a new copy of the ClientApp and torch's RNG
+        and threads as at start; any other grid kills them. They hold their CPUs
+        and GPUs until then, until :func:`release_kept_actors`, or until exit.
+
+    Attributes
+    ----------
+    startup_s
+        Seconds from the call until every actor was ready, ``ray.init`` included.
+    ray_init_s
+        The part of ``startup_s`` that ``ray.init`` took (0 if Ray was running).
+    pool_startup_s
+        The part after ``ray.init``: actors started (or reset, when kept) and ready.
     """
 
     def __init__(
@@ -192,6 +300,7 @@ class RayGrid(SimulatedGrid):
         address: str | None = None,
         run_id: int = 1,
         check_finite_arrays: bool = True,
+        keep_actors: bool = False,
     ) -> None:
         start = time.perf_counter()
         super().__init__(
@@ -201,28 +310,52 @@ class RayGrid(SimulatedGrid):
             check_finite_arrays=check_finite_arrays,
         )
         self.resources = resources or RayResources()
-        self._client_app = client_app
+        self.keep_actors = keep_actors
+        app_bytes = cloudpickle.dumps(client_app)
         self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            # Ray >= 2.4x warns that it will stop hiding GPUs from num_gpus=0 actors;
-            # our actors hide them themselves, so opt into that behaviour now.
-            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
-        size = pool_size(self.resources, ray.cluster_resources())
-        self._actors = [self._new_actor() for _ in range(size)]
-        ray.get([actor.ready.remote() for actor in self._actors])
+        self.ray_init_s = _start_ray(address) if self._owns_ray else 0.0
+        pool_start = time.perf_counter()
+        self._key = _PoolKey(
+            _session(),
+            hashlib.sha256(app_bytes).hexdigest(),
+            self.resources.num_cpus,
+            self.resources.num_gpus,
+            check_finite_arrays,
+        )
+        self._app_ref = ray.put(app_bytes)  # one copy for every actor, replacements too
+        self._actors = self._start_pool(pool_size(self.resources, ray.cluster_resources()))
+        self.pool_startup_s = time.perf_counter() - pool_start
         # The driver aggregates while the actors train: its torch ops (the streaming
         # mean's add_) must not spread over the actors' cores with spinning threads.
         self._driver_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         self.startup_s = time.perf_counter() - start
 
+    def _start_pool(self, size: int) -> list[Any]:
+        """Return ``size`` ready actors: the kept pool's if it fits, new ones for the rest.
+
+        New actors start at once and are awaited together; nearly all their time
+        goes to the imports the ClientApp pulls in as it unpickles.
+        """
+        kept = _take_kept(self._key.session)
+        reused: list[Any] = []
+        if kept is not None:
+            self._owns_ray |= kept.owns_ray
+            if kept.key == self._key:
+                reused = _reset_alive(kept.actors[:size])
+                kept.actors = kept.actors[size:]
+            for actor in kept.actors:
+                ray.kill(actor)
+        new = [self._new_actor() for _ in range(size - len(reused))]
+        ray.get([actor.ready.remote() for actor in new])
+        return reused + new
+
     def _new_actor(self) -> Any:
         actor_class = ray.remote(_NodeActor).options(
             num_cpus=self.resources.num_cpus, num_gpus=self.resources.num_gpus
         )
         return actor_class.remote(
-            self._client_app,
+            self._app_ref,
             threads_for(self.resources.num_cpus),
             self.resources.num_gpus > 0,
             self.check_finite_arrays,
@@ -276,13 +409,41 @@ class RayGrid(SimulatedGrid):
         return self._actors[-1]
 
     def shutdown(self) -> None:
-        """Stop the actors, and Ray itself if this grid started it."""
-        for actor in self._actors:
-            ray.kill(actor)
-        self._actors = []
+        """Stop the actors, and Ray itself if this grid started it (or keep them)."""
+        if not self._actors:
+            return  # already shut down
+        actors, self._actors = self._actors, []
         torch.set_num_threads(self._driver_threads)
+        if self.keep_actors:
+            _keep(_KeptPool(self._key, actors, self._owns_ray))
+            return
+        for actor in actors:
+            ray.kill(actor)
         if self._owns_ray:
             ray.shutdown()
+
+
+def _start_ray(address: str | None) -> float:
+    """Start (or join) Ray for a grid; return the seconds ``ray.init`` took."""
+    start = time.perf_counter()
+    # Ray >= 2.4x warns that it will stop hiding GPUs from num_gpus=0 actors;
+    # our actors hide them themselves, so opt into that behaviour now.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    return time.perf_counter() - start
+
+
+def _reset_alive(actors: list[Any]) -> list[Any]:
+    """Reset kept actors for a new grid; return those alive (a dead one is dropped)."""
+    resets = [actor.reset.remote() for actor in actors]
+    alive = []
+    for actor, reset in zip(actors, resets, strict=True):
+        try:
+            ray.get(reset)
+        except ray.exceptions.RayActorError:
+            continue
+        alive.append(actor)
+    return alive
 
 
 class _Exchange:
