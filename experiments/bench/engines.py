@@ -56,6 +56,9 @@ peak RSS MB     Peak over the child's whole life (imports included) of the summe
 import s        torch and the system's framework (flwr, ray, pfl) imported.
 start-up s      Start of work to the start of round 1. Flower's ServerApp starts round 1 while
                 its Ray backend is still starting, so its start-up is inside round 1 ("-").
+                For fedsim ray, each run's line and the JSON rows also give ``ray_init_s``
+                (``ray.init``) and ``ray_startup_s`` (the 2-actor pool ready after it: what
+                the actors' imports cost), printed as "Ray start-up" under the table.
 threads         torch intra-op threads where clients train: torch's default (one per core) in
                 the floor, inline and pfl; what the engine sets in its worker threads or Ray
                 actors, read back from the clients' replies.
@@ -135,6 +138,11 @@ RUNNERS: dict[str, Callable[..., Timing]] = {
     "flower": run_flower,
     "pfl": run_pfl,
 }
+# Each row's median of these, over the system's runs (the ray_ ones: fedsim ray only).
+MEDIANS = (
+    "total_s", "steady_round_s", "peak_rss_mb", "import_s", "startup_s", "ray_init_s",
+    "ray_startup_s",
+)  # fmt: skip
 # glibc's default malloc adapts its mmap threshold to what a process has freed so far, so
 # whether torch's activation buffers are mmap'ed and faulted in afresh at every step depends
 # on the process's allocation history. Page faults cost 1-10 us on a VM: the floor ran 25-30%
@@ -238,9 +246,13 @@ def _run_once(
         print(f" {why}", flush=True)
         return why
     run.result.update(peak_rss_mb=run.peak_rss_mb, attempt=attempt)
+    ray_part = ""
+    if run.result.get("ray_startup_s") is not None:
+        init_s, pool_s = run.result["ray_init_s"], run.result["ray_startup_s"]
+        ray_part = f", ray.init {init_s:.2f} s + pool {pool_s:.2f} s"
     print(
         f" total {run.result['total_s']:.2f} s, steady round "
-        f"{run.result['steady_round_s']:.3f} s, peak RSS {run.peak_rss_mb:.0f} MB",
+        f"{run.result['steady_round_s']:.3f} s, peak RSS {run.peak_rss_mb:.0f} MB{ray_part}",
         flush=True,
     )
     return run.result
@@ -267,8 +279,8 @@ def _rows(name: str, runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, An
         if not results:
             continue
         row: dict[str, Any] = {"system": system, "label": LABELS[system], "workload": name}
-        for key in ("total_s", "steady_round_s", "peak_rss_mb", "import_s", "startup_s"):
-            values = [r[key] for r in results if r[key] is not None]
+        for key in MEDIANS:
+            values = [r[key] for r in results if r.get(key) is not None]
             row[key] = statistics.median(values) if values else None
         steady = [r["steady_round_s"] for r in results]
         row["steady_round_range_s"] = [min(steady), max(steady)]
@@ -369,6 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         row["malloc"] = malloc
     if rows:
         print("\n" + format_table(rows))
+    for row in rows:
+        if row.get("ray_startup_s") is not None:
+            print(
+                f"Ray start-up, {row['workload']} (median of {len(row['runs'])}): pool ready "
+                f"{row['ray_startup_s']:.2f} s after ray.init ({row['ray_init_s']:.2f} s)"
+            )
     for note in notes:
         print("  " + note.splitlines()[0])
     if scale:

@@ -63,6 +63,8 @@ class Timing:
     threads: str = ""
     startup_in_round_1: bool = False
     final_state: dict[str, Tensor] | None = None
+    ray_init_s: float | None = None  # fedsim ray: ray.init, part of start-up
+    ray_startup_s: float | None = None  # fedsim ray: actor pool ready, after ray.init
 
     def mark(self) -> None:
         """Record a round boundary."""
@@ -84,6 +86,8 @@ class Timing:
             "round_s": round_s,
             "steady_round_s": sum(steady) / len(steady),
             "threads": self.threads,
+            "ray_init_s": self.ray_init_s,
+            "ray_startup_s": self.ray_startup_s,
         }
 
 
@@ -236,7 +240,11 @@ def run_threads(workload: Workload, *, rounds: int, seed: int) -> Timing:
 
 
 def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
-    """Run fedsim's RayGrid, 2 actors of 1 CPU; Ray start-up and shut-down included."""
+    """Run fedsim's RayGrid, 2 actors of 1 CPU; Ray start-up and shut-down included.
+
+    The grid starts Ray itself, as ``fedsim run`` does; its start-up splits into
+    ``ray.init`` and the actor pool (``ray_init_s``, ``ray_startup_s``).
+    """
     try:
         from fedsim.engine.ray_grid import RayGrid, RayResources
     except ImportError as exc:
@@ -249,6 +257,7 @@ def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
         resources=RayResources(num_cpus=1.0, num_gpus=0.0, num_actors=2),
     )
     actors = f"{grid.num_actors} actors"
+    timing.ray_init_s, timing.ray_startup_s = grid.ray_init_s, grid.pool_startup_s
     try:
         threads = fedsim_rounds(
             grid, workload, initial=initial_state(seed), rounds=rounds, seed=seed, timing=timing
