@@ -90,7 +90,8 @@ def _run_on_ray(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str
     ) as grid:
         return run_on_grid(
             config, grid, engine="ray", resume=resume, overwrite=overwrite,
-            ray_startup_s=round(grid.startup_s, 3), ray_actors=grid.num_actors,
+            ray_init_s=round(grid.ray_init_s, 3), ray_startup_s=round(grid.pool_startup_s, 3),
+            ray_actors=grid.num_actors,
         )  # fmt: skip
 
 

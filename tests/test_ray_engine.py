@@ -14,14 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 
-from fedsim.engine.ray_grid import (
-    BATCH_BYTES,
-    RayGrid,
-    RayResources,
-    batch_size,
-    pool_size,
-    release_kept_actors,
-)
+from fedsim.engine.ray_exchange import BATCH_BYTES, batch_size
+from fedsim.engine.ray_grid import RayGrid, RayResources, pool_size, release_kept_actors
 from fedsim.engine.simulated import threads_for
 from tests.conftest import run_cli
 
