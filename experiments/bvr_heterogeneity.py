@@ -41,7 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 import matplotlib
@@ -61,7 +61,7 @@ from fedsim.data import FederatedData, build_federated_data
 from fedsim.engine import InlineGrid
 from fedsim.experiment import initial_arrays
 from fedsim.loop import RoundReport, run_rounds
-from fedsim.models import model_factory
+from fedsim.models import mlp
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, LocalSGD, MinibatchSGD
 from fedsim.strategies.multi_exchange import GradientStrategy
 
@@ -204,9 +204,7 @@ def run_job(job: Job, s: Settings) -> dict[str, Any]:
     split = build_split(job.q, job.seed, s.num_workers, s.test_fraction)
     data = split.data
     task = TorchTask(
-        model_fn=model_factory(
-            "mlp", data.central.input_shape, data.central.num_classes, hidden=s.hidden
-        ),
+        model_fn=partial(mlp, data.central.input_shape, data.central.num_classes, hidden=s.hidden),
         loss_fn=nn.CrossEntropyLoss(),
         load_partition=lambda partition, _count: data.client_dataset(partition),
     )

@@ -1,16 +1,13 @@
-"""Small reference models, built by name from a config.
+"""Small reference models, named in a config (``fedsim.registry.MODELS``).
 
 Any ``nn.Module`` works with fedsim's clients; these exist so a run can be
 described in a TOML file. ``cnn`` on 1x28x28 inputs has 105,866 parameters, the
 size of the engine benchmark's workload.
 """
 
-from collections.abc import Callable
 from math import prod
 
 from torch import nn
-
-MODEL_NAMES = ("cnn", "mlp", "logreg")
 
 
 def cnn(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
@@ -40,16 +37,6 @@ def logreg(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) 
     """Multinomial logistic regression (``hidden`` is unused), the FedProx synthetic model."""
     del hidden
     return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
-
-
-def model_factory(
-    name: str, input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64
-) -> Callable[[], nn.Module]:
-    """Return a zero-argument factory for the named model."""
-    builders = {"cnn": cnn, "mlp": mlp, "logreg": logreg}
-    if name not in builders:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    return lambda: builders[name](input_shape, num_classes, hidden=hidden)
 
 
 def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -126,8 +126,11 @@ class CentralDP(WrapsStrategy):
         """Sample, collect, clip, sum, noise, account; let the inner strategy step."""
         node_ids = available_nodes(grid, 1)
         cohort = self.release.cohort(server_round, node_ids)
-        _, content = self.training_content(server_round, arrays, config, grid)
-        replies = yield [Message(content, node, MessageType.TRAIN) for node in cohort]
+        instructions, content = self.training_content(server_round, arrays, config, grid)
+        # The inner strategy's message type: a plug-in's own client action (FedProx's
+        # train.prox) keeps running under the wrapper; FedAvg's is plain train.
+        kind = instructions[0].metadata.message_type if instructions else MessageType.TRAIN
+        replies = yield [Message(content, node, kind) for node in cohort]
         global_vector, layout = flatten(arrays_of(arrays))
         total, unclipped, losses, counted = self._sum_clipped(replies, global_vector, layout)
 

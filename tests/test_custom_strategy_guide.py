@@ -58,6 +58,14 @@ def test_the_guides_plugin_runs_with_fedsim_run_and_its_test_passes(reader_folde
     assert check.returncode == 0, check.stderr[-3000:]
 
 
+def test_the_guides_plugin_runs_under_central_dp_and_reports_its_epsilon(
+    reader_folder: Path,
+) -> None:
+    done = _fedsim(reader_folder, "privacy.central_dp=true", "name=central-dp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _completed(reader_folder, "central-dp")["epsilon"] > 0
+
+
 @pytest.mark.slow
 def test_the_guides_plugin_runs_on_the_ray_engine(reader_folder: Path) -> None:
     done = _fedsim(reader_folder, "engine.name=ray", "engine.num_actors=2", "name=on-ray")
