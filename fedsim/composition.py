@@ -11,15 +11,12 @@ The builders below read the same resolution, so what was checked is what runs.
 
 import inspect
 from collections.abc import Callable
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fedsim.algorithm import privacy_refusal
 from fedsim.config import ConfigError, DataConfig, RunConfig
-from fedsim.data.datasets import CentralDataset
-from fedsim.data.federated import DATASETS as SHIPPED_DATASETS
 from fedsim.registry import (
+    DATASETS,
     MODELS,
     STRATEGIES,
     check_name,
@@ -27,6 +24,11 @@ from fedsim.registry import (
     is_import_path,
     resolve,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from fedsim.data.datasets import CentralDataset
 
 #: Keywords fedsim passes to a plug-in strategy class that takes them: the run's seed
 #: and the cohort sizes of ``strategy.clients_per_round`` and ``strategy.evaluate_clients``.
@@ -42,8 +44,6 @@ COHORT_KEYWORDS = (
 MODEL_KEYWORDS = ("input_shape", "num_classes")
 #: Keywords fedsim passes to a plug-in dataset loader that takes them.
 DATA_KEYWORDS = ("seed", "test_fraction")
-#: Shipped datasets, built by ``fedsim.data.build_federated_data``.
-DATASETS = {name: "" for name in SHIPPED_DATASETS}
 
 
 def strategy_class(config: RunConfig) -> type:
@@ -113,8 +113,10 @@ def plugin_strategy(config: RunConfig, cohorts: dict[str, Any]) -> Any:
     return cls(**passed, **config.strategy.params)
 
 
-def plugin_dataset(data: DataConfig, seed: int) -> CentralDataset:
+def plugin_dataset(data: DataConfig, seed: int) -> "CentralDataset":
     """Load the central dataset of a loader given by import path (``data.dataset``)."""
+    from fedsim.data.datasets import CentralDataset  # the data stack: only when a run needs it
+
     loader = resolve("data.dataset", data.dataset, DATASETS)
     offered = {"seed": seed, "test_fraction": data.test_fraction}
     passed = {k: v for k, v in offered.items() if k in _takes(loader, DATA_KEYWORDS)}
@@ -129,7 +131,7 @@ def plugin_dataset(data: DataConfig, seed: int) -> CentralDataset:
 
 def model_factory(
     config: RunConfig, input_shape: tuple[int, ...], num_classes: int
-) -> Callable[[], nn.Module]:
+) -> Callable[[], "nn.Module"]:
     """Return the zero-argument model factory of ``model.name``."""
     factory = resolve("model.name", config.model.name, MODELS)
     if not is_import_path(config.model.name):

@@ -35,6 +35,12 @@ STRATEGIES: Mapping[str, str] = {
     "scaffold": "fedsim.strategies:SCAFFOLD",
 }
 
+#: Shipped datasets: config name -> what builds them (``fedsim.data.build_federated_data``
+#: loads each by name and partitions it).
+DATASETS: Mapping[str, str] = dict.fromkeys(
+    ("digits", "synthetic", "mnist", "emnist", "cifar10"), "fedsim.data:build_federated_data"
+)
+
 #: Shipped models: config name -> import path of the factory
 #: ``(input_shape, num_classes, *, hidden) -> nn.Module``.
 MODELS: Mapping[str, str] = {

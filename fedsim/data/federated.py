@@ -12,8 +12,9 @@ from torch.utils.data import TensorDataset
 
 from fedsim.data.datasets import CentralDataset, load_digits, load_flwr_dataset, load_synthetic
 from fedsim.data.partition import SCHEMES, partition_indices
+from fedsim.registry import DATASETS as SHIPPED_DATASETS
 
-DATASETS = ("digits", "synthetic", "mnist", "emnist", "cifar10")
+DATASETS = tuple(SHIPPED_DATASETS)  # named once, in fedsim.registry
 PARTITIONERS = (*SCHEMES, "natural")
 
 
