@@ -18,7 +18,7 @@ BAD_CONFIGS = [
     ("seed = -1", [], "seed = -1 is out of range"),
     ("[data]\nalpha = 0", [], "data.alpha = 0.0 is out of range; expected a number > 0"),
     ("[data]\nnum_clients = 2.5", [], "data.num_clients = 2.5 has the wrong type"),
-    ('[data]\ndataset = "imagenet"', [], "data.dataset = 'imagenet' is not allowed"),
+    ('[data]\ndataset = "imagenet"', [], "data.dataset = 'imagenet' is not one of"),
     ('[data]\npartitioner = "natural"', [], "data.partitioner: the 'synthetic' dataset"),
     ('[data]\ndataset = "synthetic"', [], "got dataset='synthetic', partitioner='dirichlet'"),
     ("[data]\ntest_fraction = 1.5", [], "data.test_fraction = 1.5 is out of range"),
