@@ -64,11 +64,29 @@ def _route(resolve: ClientResolver, handler: Handler) -> Callable[[Message, Cont
 def make_client_app(
     task: TorchTask, mods: Sequence[Mod | ClientMod] = (), *, algorithms: Iterable[type] = ()
 ) -> ClientApp:
-    """Return a ClientApp for ``task`` whose one client serves every node of this process.
+    """Return a ClientApp for ``task`` whose one client serves every node of its process.
 
     ``algorithms`` are the strategy classes whose client actions it answers
     (``[fedsim.strategies.SCAFFOLD]``); ``mods`` are Flower client mods applied
-    to every message (e.g. ``fedsim.experiment.client_mods(config)``).
+    to every message (e.g. ``fedsim.experiment.client_mods(config)``). The app
+    pickles with the task (its data included) and builds its client where it
+    first runs, so a Ray actor resolves ``device="auto"`` for itself.
     """
-    client = TorchClient(task)
-    return client_app(lambda _context: client, mods, algorithms=algorithms)
+    return client_app(ProcessClient(task), mods, algorithms=algorithms)
+
+
+class ProcessClient:
+    """The one :class:`TorchClient` of ``task`` in this process, built on first use."""
+
+    def __init__(self, task: TorchTask) -> None:
+        self.task = task
+        self._client: TorchClient | None = None
+
+    def __call__(self, _context: Context) -> TorchClient:
+        """Return the client, building it the first time."""
+        if self._client is None:
+            self._client = TorchClient(self.task)
+        return self._client
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"task": self.task, "_client": None}  # a copy builds its own client

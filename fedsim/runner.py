@@ -34,7 +34,7 @@ def run_experiment(
     if config.engine.name == "threads":
         return _run_on_threads(config, resume=resume, overwrite=overwrite)
     with InlineGrid(
-        _client_app(config),
+        engine_client_app(config),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
         torch_threads=config.engine.torch_threads or None,
@@ -43,8 +43,11 @@ def run_experiment(
         return run_on_grid(config, grid, engine="inline", resume=resume, overwrite=overwrite)
 
 
-def _client_app(config: RunConfig) -> ClientApp:
-    """Return the in-process engines' ClientApp: the config's task, mods, strategy's actions."""
+def engine_client_app(config: RunConfig) -> ClientApp:
+    """Return the ClientApp fedsim's engines run: the config's task, mods, strategy's actions.
+
+    Built once, here; the threads and Ray engines copy it into their workers.
+    """
     return make_client_app(
         build_task(config), client_mods(config), algorithms=[strategy_class(config)]
     )
@@ -57,7 +60,7 @@ def _run_on_threads(config: RunConfig, *, resume: bool, overwrite: bool) -> dict
     engine = config.engine
     workers = engine.num_actors or max(1, int(available_cpus() // engine.num_cpus_per_client))
     with ThreadedGrid(
-        _client_app(config),
+        engine_client_app(config),
         num_nodes=config.data.num_clients,
         num_workers=workers,
         threads_per_worker=threads_for(engine.num_cpus_per_client),
@@ -70,8 +73,12 @@ def _run_on_threads(config: RunConfig, *, resume: bool, overwrite: bool) -> dict
 
 
 def _run_on_ray(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any]:
-    """Run on fedsim's Ray engine; each actor builds the task from the config itself."""
-    from fedsim.app import client_app_for
+    """Run on fedsim's Ray engine, shipping the ClientApp built here, its data included.
+
+    The data is built once, here (the server needs its test split anyway); the
+    actors receive it with the ClientApp and never import what builds it
+    (scikit-learn, Hugging Face's datasets: about two seconds per actor).
+    """
     from fedsim.engine.ray_grid import RayGrid, RayResources
 
     engine = config.engine
@@ -81,7 +88,7 @@ def _run_on_ray(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str
         num_actors=engine.num_actors or None,
     )
     with RayGrid(
-        client_app_for(lambda _: config, algorithms=[strategy_class(config)]),
+        engine_client_app(config),
         num_nodes=config.data.num_clients,
         run_config=flatten(config),
         resources=resources,

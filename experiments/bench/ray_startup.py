@@ -21,7 +21,7 @@ kept          as in-process, with ``keep_actors=True``: each grid hands its acto
 answered; ``ray.init`` is timed apart (the script calls it itself, so both are timed alike on
 any version of ``RayGrid``; ``--mode fresh,in-process`` runs on one without ``keep_actors``).
 ``--app`` picks the ClientApp the actors unpickle: ``cli``, fedsim's own
-(``fedsim.app.client_app_for``, what ``fedsim run`` ships), ``bench``, the benchmark's W1 app
+(``fedsim.runner.engine_client_app``, what ``fedsim run`` ships), ``bench``, the benchmark's W1 app
 (``experiments.bench.systems``), or ``bare``, an empty ``ClientApp``: the floor, Ray plus what
 ``fedsim.engine.ray_grid`` imports (torch, flwr). The script prints the median and range of
 each, the first grid of an interpreter apart from the later ones; docs/engines.md ("Ray
@@ -59,11 +59,10 @@ def client_app(name: str) -> Any:
         from experiments.bench.systems import threads_reporting_app, w1_task
 
         return threads_reporting_app(w1_task())
-    from fedsim.app import client_app_for
     from fedsim.config import parse_config
+    from fedsim.runner import engine_client_app
 
-    config = parse_config({})
-    return client_app_for(lambda _: config)
+    return engine_client_app(parse_config({}))
 
 
 def start_ray() -> float:

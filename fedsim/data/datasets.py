@@ -7,13 +7,17 @@ Synthetic(alpha, beta)); :func:`load_flwr_dataset` reaches the Hugging Face Hub.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import datasets as hf
 import numpy as np
 import torch
-from sklearn.datasets import load_digits as _sklearn_digits
-from sklearn.model_selection import train_test_split
+
+if TYPE_CHECKING:
+    import datasets as hf
+
+# scikit-learn and Hugging Face's datasets take about two seconds to import; they are
+# imported where a dataset loads, so a process that only receives a built dataset (a
+# Ray actor) never pays for them.
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -84,8 +88,11 @@ def load_digits(*, test_fraction: float = 0.2, seed: int = 0) -> CentralDataset:
     CentralDataset
         Inputs of shape ``(n, 1, 8, 8)``.
     """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
     _check_test_fraction(test_fraction)
-    bunch = _sklearn_digits()
+    bunch = sklearn_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None]  # (n, 8, 8) -> (n, 1, 8, 8)
     y = bunch.target.astype(np.int64)
     train_x, test_x, train_y, test_y = train_test_split(
@@ -203,7 +210,7 @@ _HUB_DATASETS = {
 }
 
 
-def _images_to_tensor(split: hf.Dataset, column: str, channels: int) -> torch.Tensor:
+def _images_to_tensor(split: "hf.Dataset", column: str, channels: int) -> torch.Tensor:
     """Decode a column of PIL images into float32 ``(n, C, H, W)`` in ``[0, 1]``.
 
     Decoding in batches into one preallocated uint8 array keeps peak memory at
@@ -243,6 +250,8 @@ def load_flwr_dataset(name: str, *, seed: int = 0) -> CentralDataset:
     DatasetUnavailableError
         When the Hub cannot be reached and the dataset is not cached.
     """
+    import datasets as hf
+
     if name not in _HUB_DATASETS:
         raise ValueError(f"name must be one of {sorted(_HUB_DATASETS)}, got {name!r}")
     spec = _HUB_DATASETS[name]

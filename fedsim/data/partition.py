@@ -11,14 +11,12 @@ split of Murata & Suzuki (ICML 2021, arXiv 2102.03198): flwr-datasets has no
 such partitioner, so it is plain NumPy here.
 """
 
-import datasets as hf
+from typing import TYPE_CHECKING
+
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-)
+
+if TYPE_CHECKING:  # imported where a partition is computed (see fedsim.data.datasets)
+    from flwr_datasets.partitioner import Partitioner
 
 SCHEMES = ("iid", "dirichlet", "shards", "qsplit")
 
@@ -98,6 +96,8 @@ def partition_indices(
         alpha=float(alpha),
         shards_per_partition=int(shards_per_partition),
     )
+    import datasets as hf
+
     partitioner.dataset = hf.Dataset.from_dict({"label": labels[order], "index": order})
     return [
         np.sort(np.asarray(partitioner.load_partition(pid)["index"], dtype=np.int64))
@@ -177,7 +177,9 @@ def _check_labels(labels: np.ndarray, num_partitions: int) -> np.ndarray:
 
 def _make_partitioner(
     scheme: str, *, num_partitions: int, seed: int, alpha: float, shards_per_partition: int
-) -> Partitioner:
+) -> "Partitioner":
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
+
     if scheme == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if scheme == "dirichlet":
