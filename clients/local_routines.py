@@ -92,7 +92,7 @@ def local_steps(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
-    trainer: "Trainer",
+    trainer: "Trainer | None" = None,
     estimate: Mapping[str, Tensor] | None = None,
 ) -> tuple[Point, float]:
     """Take ``steps`` local steps from ``start``; return the last point and the mean loss.
@@ -101,9 +101,11 @@ def local_steps(
     it is BVR-L-SGD's LocalRoutine: v_0 is the server's estimate and
     v_k = g(x_{k-1}; I_k) - g(x_{k-2}; I_k) + v_{k-1}, x_k = x_{k-1} - lr v_k, with
     x_{-1} = x_0, so the first step is x_1 = x_0 - lr v_0 and draws no batch.
-    Gradients and batches come from ``trainer`` (plain or DP-SGD). The mean loss
+    Gradients and batches come from ``trainer`` (plain or DP-SGD; plain SGD when
+    none is given). The mean loss
     is over the steps whose batch had samples (NaN if none had).
     """
+    trainer = trainer or plain_trainer()
     point = {name: value.detach() for name, value in start.items()}
     previous = point
     direction = dict(estimate) if estimate is not None else None
@@ -123,6 +125,13 @@ def local_steps(
             direction = update
         previous, point = point, {name: point[name] - lr * update[name] for name in point}
     return point, mean_loss(losses)
+
+
+def plain_trainer() -> "Trainer":
+    """Return the trainer of plain SGD, for routines called without one."""
+    from fedsim.clients.trainer import PlainTrainer  # it builds on this module
+
+    return PlainTrainer(shuffle=torch.Generator())
 
 
 def mean_loss(losses: list[float | None]) -> float:

@@ -21,7 +21,7 @@ from fedsim import keys
 from fedsim.algorithm import ClientAction
 from fedsim.arrays import to_array_record
 from fedsim.clients import TorchClient
-from fedsim.clients.local_routines import LocalData, Point, mean_loss
+from fedsim.clients.local_routines import LocalData, Point, mean_loss, plain_trainer
 from fedsim.clients.points import (
     batch_generator,
     config_of,
@@ -56,7 +56,7 @@ def scaffold_steps(
     steps: int,
     batch_size: int,
     generator: torch.Generator,
-    trainer: Trainer,
+    trainer: Trainer | None = None,
     server_control: Mapping[str, Tensor],
     client_control: Mapping[str, Tensor],
 ) -> tuple[Point, Point, Point, float]:
@@ -66,6 +66,7 @@ def scaffold_steps(
     c_p+ = c_p - c + (x - y) / (steps lr). Returns (Δy = y - x, Δc = c_p+ - c_p,
     c_p+, mean loss). Gradients and batches come from ``trainer`` (plain or DP-SGD).
     """
+    trainer = trainer or plain_trainer()
     point = {name: value.detach() for name, value in start.items()}
     correction = {name: server_control[name] - client_control[name] for name in point}
     losses = []
