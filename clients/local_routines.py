@@ -4,7 +4,7 @@ Murata & Suzuki (ICML 2021) evaluate gradients of one model at two points on one
 minibatch (the SARAH recursion), so these routines take points as explicit
 ``{name: tensor}`` dicts and call the model functionally
 (``torch.func.functional_call``) instead of loading weights into it. Every draw of
-a minibatch takes an explicit generator. Spec: ``shared/specs/bvr-l-sgd.md``.
+a minibatch takes an explicit generator (Murata & Suzuki, ICML 2021, arXiv 2102.03198).
 """
 
 from collections.abc import Mapping
