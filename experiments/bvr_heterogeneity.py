@@ -2,8 +2,8 @@
 
 "Bias-Variance Reduced Local SGD for Less Heterogeneous Federated Learning"
 (arXiv 2102.03198) compares BVR-L-SGD with minibatch SGD, SARAH, Local SGD and
-SCAFFOLD as the workers' data grow more heterogeneous. We keep the protocol of
-the paper (its Section 6 experiments) and change its scale, so that 5 methods x 5 values
+SCAFFOLD as the workers' data grow more heterogeneous. We keep the experimental
+protocol of the paper and change its scale, so that 5 methods x 5 values
 of q x 6 step sizes x 5 seeds x 100 rounds fit in 20 minutes on two cores:
 
 - data: scikit-learn's digits (embedded, 10 classes) and a one-hidden-layer MLP,
