@@ -1,6 +1,6 @@
 """BVR-L-SGD: Bias-Variance Reduced Local SGD (Murata & Suzuki, ICML 2021, arXiv 2102.03198).
 
-Algorithms 2 and 3 of the paper (spec: ``shared/specs/bvr-l-sgd.md``). Each stage
+Algorithms 2 and 3 of the paper. Each stage
 of ``stage_rounds`` rounds starts from its anchor x̃ with a large-batch gradient
 estimate ṽ_0; each round then
 

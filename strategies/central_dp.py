@@ -1,7 +1,7 @@
 """Central differential privacy around any one-exchange strategy (DP-FedAvg).
 
 McMahan et al. 2018 (arXiv 1710.06963) with Andrew et al. 2021's adaptive
-clipping; spec ``shared/specs/private-aggregation.md`` section 2. Per round:
+clipping (Andrew et al., NeurIPS 2021, arXiv 1905.03871). Per round:
 
 1. the cohort is drawn by the wrapper, not the inner strategy, because the
    accountant must know how: Poisson sampling at rate q = C̄/N (Opacus's RDP or

@@ -1,7 +1,7 @@
 """Releasing a sum of L2-clipped contributions with Gaussian noise, and accounting for it.
 
-DP-FedAvg's central mechanism (McMahan et al. 2018, arXiv:1710.06963; spec
-``specs/private-aggregation.md`` section 2), apart from how the sum was formed:
+DP-FedAvg's central mechanism (McMahan et al. 2018, arXiv:1710.06963), apart
+from how the sum was formed:
 :class:`fedsim.strategies.CentralDP` clips replies on the server and sums them,
 :class:`fedsim.strategies.secure_central_dp.SecureCentralDP` has clients clip and
 learns only the securely aggregated sum. Both need the same three things, which

@@ -2,7 +2,7 @@
 
 Apple's private federated learning stack (Apple, WWDC 2019 "Designing for Privacy";
 pfl-research) and DP-FedAvg under secure aggregation (McMahan et al. 2018,
-arXiv:1710.06963); spec ``shared/specs/private-aggregation.md`` sections 2 and 3.
+arXiv:1710.06963) with secure aggregation (Bonawitz et al., CCS 2017).
 The server never sees an individual update, so what :class:`CentralDP` does to
 each reply moves to the client, and what it does to the sum stays on the server:
 
