@@ -14,6 +14,11 @@ ClientApp for it and check a run's privacy options before any work:
     honours none: a privacy option a strategy cannot honour is refused before the
     run starts, never skipped silently.
 
+A strategy whose global model is its own rather than the clients' (GS-WGAN's
+generator, which never leaves the server) says so by being a
+:class:`HoldsServerModel`: fedsim's runs then start from its arrays and evaluate
+them its way.
+
 Client mods (Flower's ``call_next`` middleware) that change what a client sends
 come as :class:`ClientMod`, which names the message types the mod is written for;
 a ClientApp whose algorithms send another type refuses to start.
@@ -21,13 +26,16 @@ a ClientApp whose algorithms send another type refuses to start.
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from flwr.app import Context, Message, MessageType
+from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import Mod
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from fedsim.clients.torch_client import TorchClient
+    from fedsim.loop import EvaluateFn
 
 #: The privacy options of a run config, and what each one promises.
 PRIVACY_OPTIONS: Mapping[str, str] = {
@@ -64,6 +72,23 @@ class ClientMod:
     mod: Mod
     handles: frozenset[str]
     name: str
+
+
+@runtime_checkable
+class HoldsServerModel(Protocol):
+    """A strategy whose global model is the server's own, not the model its clients train.
+
+    GS-WGAN's clients train discriminators (the task's model) while the run's
+    global arrays are the server's generator. ``fedsim run`` starts the loop
+    from :meth:`initial_arrays` instead of the task model's and evaluates with
+    :meth:`central_evaluator` instead of the task model's test accuracy.
+    """
+
+    def initial_arrays(self) -> ArrayRecord:
+        """Return the global arrays before the first round."""
+
+    def central_evaluator(self, test_x: "Tensor", test_y: "Tensor") -> "EvaluateFn | None":
+        """Return the server-side evaluation of the global arrays on the test split, if any."""
 
 
 #: The message types every fedsim ClientApp answers: Flower's plain ones.

@@ -23,6 +23,7 @@ from fedsim.registry import (
     checked_params,
     is_import_path,
     resolve,
+    takes_params,
 )
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ COHORT_KEYWORDS = (
     "min_evaluate_nodes",
     "min_available_nodes",
 )
+#: Keywords fedsim passes to a plug-in strategy class that takes them besides the cohorts:
+#: the shape of one input and the number of classes of the run's dataset.
+DATA_SHAPE_KEYWORDS = ("input_shape", "num_classes")
 #: Keywords fedsim passes to a plug-in model factory that takes them.
 MODEL_KEYWORDS = ("input_shape", "num_classes")
 #: Keywords fedsim passes to a plug-in dataset loader that takes them.
@@ -57,7 +61,14 @@ def strategy_class(config: RunConfig) -> type:
 def check_composition(config: RunConfig) -> None:
     """Raise ``ConfigError`` unless the config's pieces fit together; see the module docstring."""
     cls = strategy_class(config)
-    _check_params("strategy", config.strategy.name, cls, config.strategy.params, COHORT_KEYWORDS)
+    _check_params(
+        "strategy",
+        config.strategy.name,
+        cls,
+        config.strategy.params,
+        COHORT_KEYWORDS + DATA_SHAPE_KEYWORDS,
+        configured_by_params=takes_params(config.strategy.name),
+    )
     factory = resolve("model.name", config.model.name, MODELS)
     _check_params("model", config.model.name, factory, config.model.params, MODEL_KEYWORDS)
     data = config.data
@@ -86,8 +97,12 @@ def _check_params(
     target: Callable[..., Any] | None,
     params: dict[str, Any],
     passed: tuple[str, ...],
+    *,
+    configured_by_params: bool | None = None,
 ) -> None:
-    if target is None or not is_import_path(name):
+    if configured_by_params is None:
+        configured_by_params = is_import_path(name)
+    if target is None or not configured_by_params:
         if params:
             raise ConfigError(
                 f"{table}.params applies to a plug-in given by import path; {name!r} is "
@@ -106,10 +121,14 @@ def _takes(target: Callable[..., Any], keywords: tuple[str, ...]) -> set[str]:
     return {k for k in keywords if k in parameters}
 
 
-def plugin_strategy(config: RunConfig, cohorts: dict[str, Any]) -> Any:
-    """Build a plug-in strategy: its params plus the cohort keywords it takes."""
+def plugin_strategy(config: RunConfig, offered: dict[str, Any]) -> Any:
+    """Build a strategy configured by params: its params plus the offered keywords it takes.
+
+    ``offered`` holds the cohort keywords and the data's shape (``DATA_SHAPE_KEYWORDS``).
+    """
     cls = strategy_class(config)
-    passed = {k: v for k, v in cohorts.items() if k in _takes(cls, COHORT_KEYWORDS)}
+    takes = _takes(cls, COHORT_KEYWORDS + DATA_SHAPE_KEYWORDS)
+    passed = {k: v for k, v in offered.items() if k in takes}
     return cls(**passed, **config.strategy.params)
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedsim import keys
-from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod
+from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod, HoldsServerModel
 from fedsim.clients import TorchTask
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.training import evaluate
@@ -28,7 +28,7 @@ from fedsim.data import FederatedData, build_federated_data
 from fedsim.data.federated import partitioned
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.progress import ProgressBar
-from fedsim.registry import is_import_path
+from fedsim.registry import is_import_path, takes_params
 from fedsim.results import MODEL_FILE, RunRecorder, check_run_folder, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
@@ -153,8 +153,10 @@ def _base_strategy(config: RunConfig) -> Strategy:
         "min_evaluate_nodes": evaluate_,
         "min_available_nodes": max(train, evaluate_),
     }
-    if is_import_path(strategy.name):
-        return cast(Strategy, plugin_strategy(config, cohorts))
+    if takes_params(strategy.name):
+        central = federated_data(config.data, config.seed).central
+        shape = {"input_shape": central.input_shape, "num_classes": central.num_classes}
+        return cast(Strategy, plugin_strategy(config, {**cohorts, **shape}))
     if strategy.name == "fedavg":
         return FedAvg(**cohorts)
     gradient = {
@@ -253,6 +255,14 @@ def run_on_grid(
     """
     resume_after = check_run_folder(config, resume=resume, overwrite=overwrite)
     task = build_task(config)
+    strategy = build_strategy(config)
+    data = federated_data(config.data, config.seed)
+    if isinstance(strategy, HoldsServerModel):  # GS-WGAN: the global model is the server's
+        first_arrays = strategy.initial_arrays()
+        evaluate_fn = strategy.central_evaluator(data.central.test_x, data.central.test_y)
+    else:
+        first_arrays = initial_arrays(task, config.seed)
+        evaluate_fn = central_evaluator(task, data.test_dataset())
     grid = with_devices(config.devices, grid, seed=config.seed)
     checkpoint = checkpoint_of(config, resume=resume)
     recorder = RunRecorder(config, resume_after=resume_after)
@@ -266,14 +276,12 @@ def run_on_grid(
                     stack.enter_context(ProgressBar(config.rounds, description=config.name))
                 )
             arrays = run_rounds(
-                strategy=build_strategy(config),
+                strategy=strategy,
                 grid=grid,
-                initial_arrays=initial_arrays(task, config.seed),
+                initial_arrays=first_arrays,
                 num_rounds=config.rounds,
                 train_config=train_config(config),
-                evaluate_fn=central_evaluator(
-                    task, federated_data(config.data, config.seed).test_dataset()
-                ),
+                evaluate_fn=evaluate_fn,
                 eval_every=config.eval_every,
                 timeout=config.engine.timeout_s,
                 observers=observers,

@@ -49,3 +49,22 @@ CLIENT_STATE: Final = "fedsim.client"
 ROUNDS_PARTICIPATED: Final = "rounds-participated"
 PREVIOUS_POINT: Final = "fedsim.previous-point"  # the last point a node's gradient was taken at
 CLIENT_CONTROL: Final = "fedsim.control"  # SCAFFOLD's client control variate c_p
+
+# GS-WGAN (``fedsim.strategies.gs_wgan``): generated images down, sanitized image gradients up.
+TRAIN_GSWGAN: Final = "train.gswgan"  # critic steps, then the sanitized dL_G/dx~ of each image
+FAKES: Final = "fakes"  # ArrayRecord of the generated images and their labels
+IMAGES: Final = "images"
+LABELS: Final = "labels"
+GRADIENTS: Final = "gradients"  # ArrayRecord of the B sanitized image gradients
+ITERATION: Final = "iteration"  # the generator step t (1, 2, ...), keys the client's draws
+CRITIC_STEPS: Final = "critic-steps"
+CLIP_NORM: Final = "clip-norm"
+NOISE_MULTIPLIER: Final = "noise-multiplier"
+BETA1: Final = "beta1"
+BETA2: Final = "beta2"
+WARM_START_STEPS: Final = "warm-start-steps"
+GENERATOR: Final = "generator"  # import path of the generator factory (the warm start's)
+LATENT_DIM: Final = "latent-dim"
+NUM_CLASSES: Final = "num-classes"
+DISCRIMINATOR: Final = "fedsim.gswgan.discriminator"  # a node's D, in Context.state
+CRITIC_OPTIMIZER: Final = "fedsim.gswgan.critic-optimizer"  # its Adam moments

@@ -61,6 +61,8 @@ def status_line(report: RoundReport) -> str:
         parts.append(f"acc {accuracy:.3f}")
     if (epsilon := report.privacy.get("epsilon")) is not None:
         parts.append(f"ε {epsilon:.2f}")
+        if (paper := report.privacy.get("epsilon_paper")) is not None:
+            parts.append(f"(paper's accounting {paper:.2f})")
     if report.simulated_s is not None:
         parts.append(f"sim {report.simulated_s:.1f}s")
     if report.unavailable or report.late:

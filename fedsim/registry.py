@@ -33,7 +33,12 @@ STRATEGIES: Mapping[str, str] = {
     "minibatch-sgd": "fedsim.strategies:MinibatchSGD",
     "local-sgd": "fedsim.strategies:LocalSGD",
     "scaffold": "fedsim.strategies:SCAFFOLD",
+    "gs-wgan": "fedsim.strategies.gs_wgan:GSWGAN",
 }
+
+#: Shipped strategies configured like plug-ins, by ``[strategy.params]`` checked against
+#: the class's signature, rather than by ``[strategy]`` keys of their own.
+PARAMS_STRATEGIES = frozenset({"gs-wgan"})
 
 #: Shipped datasets: config name -> what builds them (``fedsim.data.build_federated_data``
 #: loads each by name and partitions it).
@@ -48,6 +53,11 @@ MODELS: Mapping[str, str] = {
     "mlp": "fedsim.models:mlp",
     "logreg": "fedsim.models:logreg",
 }
+
+
+def takes_params(name: str) -> bool:
+    """Whether strategy ``name`` is configured by ``[strategy.params]`` (as a plug-in is)."""
+    return is_import_path(name) or name in PARAMS_STRATEGIES
 
 
 def is_import_path(name: str) -> bool:

@@ -7,15 +7,21 @@ the result does not depend on the order in which an engine happens to execute
 clients (the idea of FedJAX's client samplers).
 """
 
+import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 # Node 0 is never a client id in fedsim's engines; server-side draws use it.
 SERVER_NODE = 0
+
+Built = TypeVar("Built")
+# Held while torch's global CPU generator is seeded for one construction (see built_from_seed).
+_GLOBAL_RNG_LOCK = threading.Lock()
 
 
 def derive_seed(root: int, round_: int, node: int, purpose: str) -> int:
@@ -57,3 +63,16 @@ def seeded_torch_rng(seed: int, device: torch.device) -> Iterator[None]:
         if on_cuda:
             torch.cuda.default_generators[device.index or 0].manual_seed(seed)
         yield
+
+
+def built_from_seed(seed: int, build: Callable[[], Built]) -> Built:
+    """Return ``build()`` run with torch's global CPU generator seeded, then restored.
+
+    Module constructors draw their initial weights (and spectral norm its start
+    vectors) from torch's global generator, which the threads engine's workers
+    share: the lock keeps two workers' seeded constructions from interleaving, so
+    a node's model is the same on every engine.
+    """
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
