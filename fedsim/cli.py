@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:
+    """Print the summary's headline numbers; those a run does not have are left out."""
     table = Table(title=f"fedsim run '{config.name}'", show_header=False)
     for key in (
         "status",
@@ -119,10 +120,16 @@ def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:
         "accuracy",
         "best_accuracy",
         "loss",
+        "epsilon",
+        "epsilon_paper",
+        "dp_epsilon",
+        "ldp_epsilon",
         "failures",
         "wall_time_s",
     ):
         value = summary.get(key)
+        if value is None:
+            continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     table.add_row("results", f"{config.run_dir}/")
     Console().print(table)

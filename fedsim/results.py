@@ -202,22 +202,34 @@ def _total(values: Any) -> float | None:
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
-    """Plot accuracy and loss per round (centralized, and clients' where present)."""
+    """Plot accuracy and loss per round (centralized, and clients' where present).
+
+    A run without them (GS-WGAN's generator) plots what its server does measure
+    instead: its first other central metric, and ε.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
+    columns = {key for row in rows for key in row}
+    left, right = "accuracy", "loss"
+    if f"central_{left}" not in columns:
+        others = sorted(k.removeprefix("central_") for k in columns if k.startswith("central_"))
+        left = others[0] if others else left
+    if f"central_{right}" not in columns and "privacy_epsilon" in columns:
+        right = "epsilon"
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for prefix, label in (("central_", "server test set"), ("evaluate_", "clients")):
-        for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+    for prefix, label in (("central_", "server test set"), ("evaluate_", "clients"),
+                          ("privacy_", "spent so far")):  # fmt: skip
+        for ax, metric in ((acc_ax, left), (loss_ax, right)):
             points = [(r["round"], r[prefix + metric]) for r in rows if prefix + metric in r]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
     train = [(r["round"], r["train_train_loss"]) for r in rows if "train_train_loss" in r]
     if train:
         loss_ax.plot(*zip(*train, strict=True), marker=".", label="clients' training")
-    for ax, metric in ((acc_ax, "accuracy"), (loss_ax, "loss")):
+    for ax, metric in ((acc_ax, left), (loss_ax, right)):
         ax.set_xlabel("round")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)

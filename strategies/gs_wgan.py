@@ -46,7 +46,7 @@ one, which is the guarantee.
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients import TorchClient
 from fedsim.clients.local_routines import LocalData
 from fedsim.clients.points import config_of, local_data
+from fedsim.clients.torch_client import resolve_device
 from fedsim.gan_models import sample_latent
 from fedsim.loop import EvaluateFn, TrainRound
 from fedsim.privacy.gradient_sanitizer import sanitize
@@ -91,7 +92,7 @@ Discriminator = Callable[[Tensor, Tensor], Tensor]
 
 def latent_of(generator: nn.Module, batch_size: int, rng: torch.Generator) -> Tensor:
     """Return B latents for ``generator``: z ~ Bernoulli(0.5)^latent_dim, the paper's."""
-    return sample_latent(batch_size, generator.latent_dim, rng)
+    return sample_latent(batch_size, cast(int, generator.latent_dim), rng)
 
 
 def critic_loss(
@@ -180,7 +181,7 @@ def warm_start(
             critic_optimizer.zero_grad(set_to_none=True)
             critic_loss(discriminator, real, labels, fakes, labels, rng).backward()
             critic_optimizer.step()
-        labels = torch.randint(generator.num_classes, (batch_size,), generator=rng)
+        labels = torch.randint(cast(int, generator.num_classes), (batch_size,), generator=rng)
         labels = labels.to(data.targets.device)
         fakes = generator(latent_of(generator, batch_size, rng).to(labels.device), labels)
         generator_optimizer.zero_grad(set_to_none=True)
@@ -342,6 +343,9 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
     evaluate_samples_per_class
         Samples per class of the round's central evaluation (a Fréchet distance,
         see :meth:`central_evaluator`); 0 turns it off.
+    device
+        Where the generator runs: ``"cpu"``, ``"cuda:0"``, ... or ``"auto"`` (the
+        clients' device is ``client.device``).
     """
 
     input_shape: tuple[int, ...]
@@ -363,6 +367,7 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
     warm_start_steps: int = 0
     evaluate_samples_per_class: int = 100
     evaluate_classifier_epochs: int = 20
+    device: str = "cpu"
 
     client_actions = (ClientAction(keys.TRAIN_GSWGAN, gswgan_step),)
     honours_privacy: ClassVar[frozenset[str]] = frozenset()
@@ -403,6 +408,9 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
         )
         self.ema = self._build_generator()
         self.ema.load_state_dict(self.model.state_dict())
+        self._device = resolve_device(self.device)
+        self.model.to(self._device)
+        self.ema.to(self._device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.lr, betas=(self.beta1, self.beta2)
         )
@@ -461,7 +469,8 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
             t = self.iterations
             rng = torch_generator(self.seed, t, SERVER_NODE, "gswgan.latent")
             labels = torch.randint(self.num_classes, (self.batch_size,), generator=rng)
-            fakes = self.model(latent_of(self.model, self.batch_size, rng), labels)
+            latents = latent_of(self.model, self.batch_size, rng).to(self._device)
+            fakes = self.model(latents, labels.to(self._device))
             cohort = sample_cohort(
                 nodes,
                 self.clients_per_iteration,
@@ -471,7 +480,7 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
                 server_round,
                 {
                     keys.FAKES: to_array_record(
-                        {keys.IMAGES: fakes.detach().numpy(), keys.LABELS: labels.numpy()}
+                        {keys.IMAGES: fakes.numpy(force=True), keys.LABELS: labels.numpy()}
                     )
                 },
                 self._client_config(config, t),
@@ -483,7 +492,7 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
             if gradient is None:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            fakes.backward(gradient)
+            fakes.backward(gradient.to(self._device))
             self.optimizer.step()
             self._update_ema(t)
         return self._arrays(), MetricRecord({"iterations": self.iterations})
@@ -535,8 +544,8 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
         with torch.no_grad():
             for ema, value in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 ema.mul_(decay).add_(value, alpha=1 - decay)
-            for ema, value in zip(self.ema.buffers(), self.model.buffers(), strict=True):
-                ema.copy_(value)
+            for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers(), strict=True):
+                ema_buffer.copy_(buffer)
 
     # -------------------------------------------------------------- privacy and state
 
@@ -600,21 +609,20 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
             return None
         from fedsim.generative_eval import features, frechet_distance, train_classifier
 
-        reference: list[nn.Module] = []
         labels = torch.arange(self.num_classes).repeat_interleave(self.evaluate_samples_per_class)
+        reference: dict[str, Any] = {}  # the classifier and the test split's features, once
 
         def evaluate_fn(_round: int, arrays: ArrayRecord) -> MetricRecord:
             if not reference:
-                reference.append(
-                    train_classifier(
-                        test_x, test_y, self.num_classes,
-                        epochs=self.evaluate_classifier_epochs, seed=self.seed,
-                    )
+                classifier = train_classifier(
+                    test_x, test_y, self.num_classes,
+                    epochs=self.evaluate_classifier_epochs, seed=self.seed,
                 )  # fmt: skip
-                reference.append(features(reference[0], test_x))  # type: ignore[arg-type]
-            samples = self.sample(arrays, labels)
-            distance = frechet_distance(features(reference[0], samples), reference[1])  # type: ignore[arg-type]
-            return MetricRecord({"frechet_distance": distance})
+                reference.update(classifier=classifier, test=features(classifier, test_x))
+            generated = features(reference["classifier"], self.sample(arrays, labels))
+            return MetricRecord(
+                {"frechet_distance": frechet_distance(generated, reference["test"])}
+            )
 
         return evaluate_fn
 
@@ -625,7 +633,8 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
         generator = self.released_generator(arrays)
         rng = torch_generator(self.seed, 0, SERVER_NODE, seed_purpose)
         with torch.no_grad():
-            return generator(latent_of(generator, len(labels), rng), labels)
+            latents = latent_of(generator, len(labels), rng).to(self._device)
+            return generator(latents, labels.to(self._device)).cpu()
 
     def summary(self) -> None:
         """Log the settings."""

@@ -1,6 +1,7 @@
 """Federated GS-WGAN: routing, messages, client state, partitions, engines and resume."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from fedsim.experiment import build_task, run_on_grid
 from fedsim.gan_models import small_discriminator
 from fedsim.loop import run_rounds
 from fedsim.strategies.gs_wgan import GSWGAN, gswgan_step, image_gradients
+from tests.conftest import run_script
 
 CONFIG = "experiments/configs/gswgan-digits.toml"
 # 6 clients, 2 rounds of 3 iterations, a short warm start: seconds on a CPU.
@@ -298,3 +300,74 @@ def test_both_epsilons_are_reported_every_round(tmp_path: Path) -> None:
 def test_bad_settings_are_refused_in_one_line(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(CONFIG, [*SMALL, override])
+
+
+@pytest.mark.slow
+def test_the_mnist_configuration_runs_on_generated_28x28_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper-scale config, its MNIST loader and the paper's models, offline."""
+    import datasets as hf
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(80)]
+    features = hf.Features({"image": hf.Image(), "label": hf.ClassLabel(num_classes=10)})
+    split = hf.Dataset.from_dict(
+        {"image": images, "label": [i % 10 for i in range(80)]}, features=features
+    )
+    requested: list[str] = []
+
+    def load_dataset(name: str) -> hf.DatasetDict:
+        requested.append(name)
+        return hf.DatasetDict({"train": split, "test": split})
+
+    monkeypatch.setattr(hf, "load_dataset", load_dataset)
+    config = load_config(
+        "experiments/configs/gswgan-mnist.toml",
+        [
+            f"output_dir={tmp_path}", "data.num_clients=2", "rounds=1", "progress=false",
+            "plot=false", "client.device=cpu", "strategy.params.iterations_per_round=1",
+            "strategy.params.critic_steps=1", "strategy.params.warm_start_steps=1",
+            "strategy.params.evaluate_samples_per_class=2",
+            "strategy.params.evaluate_classifier_epochs=1",
+        ],
+    )  # fmt: skip
+    from fedsim.runner import run_experiment
+
+    summary = run_experiment(config)
+    assert requested == ["ylecun/mnist"]
+    assert summary["status"] == "completed" and summary["epsilon_paper"] > 0
+    generator = torch.load(tmp_path / "gswgan-mnist" / "model.pt")
+    assert generator["ema.fc.parametrizations.weight.original"].shape == (256 * 4 * 4, 20)
+
+
+@pytest.mark.slow
+def test_the_digits_experiment_writes_its_table_grids_and_curve(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gswgan_digits.py"
+    run_script(script, "--quick", cwd=tmp_path)
+    out = tmp_path / "runs" / "gswgan_digits-quick"
+    for name in ("results.json", "table.md", "table.csv", "accuracy_vs_epsilon.png",
+                 "samples-sigma-0.png", "samples-sigma-5.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["sigma"] for row in rows] == [0.0, 5.0]
+    assert rows[0]["epsilon_joint"] == rows[0]["epsilon_paper"] == math.inf
+    assert 0 < rows[1]["epsilon_joint"] < math.inf and 0 < rows[1]["epsilon_paper"] < math.inf
+    assert all(0 <= row["downstream_accuracy"] <= 1 for row in rows)
+    table = (out / "table.md").read_text()
+    assert "joint: the guarantee" in table and "paper's accounting" in table
+    assert "real data" in table
+    # A full result is never replaced by accident.
+    (tmp_path / "runs" / "gswgan_digits").mkdir()
+    (tmp_path / "runs" / "gswgan_digits" / "results.json").write_text("{}")
+    refused = run_script(script, cwd=tmp_path, returncode=2)
+    assert "already holds a result" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_benchmark_prints_both_ratios(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "experiments" / "bench" / "gswgan.py"
+    done = run_script(script, "--triples", "2", "--iterations", "2", "--warmup", "1")
+    assert "inline / centralized: median" in done.stdout
+    assert "threads / centralized: median" in done.stdout

@@ -4,6 +4,10 @@
 
     python experiments/bench/gswgan.py                  # 10 triples of 50 iterations
     python experiments/bench/gswgan.py --triples 20 --iterations 100
+    python experiments/bench/gswgan.py --scale paper --triples 3 --iterations 2 --warmup 1
+
+``--scale paper`` runs the paper's models on 28x28 images (random ones: MNIST itself
+needs the Hub), for the CPU throughput of the MNIST configuration.
 
 The centralized loop is the paper's algorithm with everything in one process and
 nothing serialized: one discriminator module and Adam optimizer per block, kept
@@ -23,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,10 +43,12 @@ from fedsim import keys  # noqa: E402
 from fedsim.clients import TorchTask, make_client_app  # noqa: E402
 from fedsim.clients.local_routines import LocalData  # noqa: E402
 from fedsim.data import FederatedData, build_federated_data  # noqa: E402
+from fedsim.data.datasets import CentralDataset  # noqa: E402
+from fedsim.data.federated import partitioned  # noqa: E402
 from fedsim.engine import InlineGrid, ThreadedGrid  # noqa: E402
-from fedsim.gan_models import small_discriminator, small_generator  # noqa: E402
 from fedsim.loop import run_rounds  # noqa: E402
 from fedsim.privacy.gradient_sanitizer import sanitize  # noqa: E402
+from fedsim.registry import resolve  # noqa: E402
 from fedsim.strategies.gs_wgan import (  # noqa: E402
     GSWGAN,
     critic_steps,
@@ -50,22 +57,62 @@ from fedsim.strategies.gs_wgan import (  # noqa: E402
 )
 
 SEED, CLIENTS, BATCH, CRITIC_STEPS, SIGMA, CLIP = 0, 24, 32, 5, 1.07, 1.0
-SHAPE, CLASSES, LR, BETAS = (1, 8, 8), 10, 1e-4, (0.5, 0.9)
+CLASSES, LR, BETAS = 10, 1e-4, (0.5, 0.9)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The models and images of one benchmark scale."""
+
+    shape: tuple[int, int, int]
+    generator: str
+    discriminator: str
+
+    def models(self) -> tuple[Callable[[], nn.Module], Callable[[], nn.Module]]:
+        """Return the generator and discriminator factories."""
+        generator = resolve("generator", self.generator, {})
+        discriminator = resolve("discriminator", self.discriminator, {})
+        return (
+            lambda: generator(self.shape, CLASSES),
+            lambda: discriminator(self.shape, CLASSES),
+        )
+
+    def data(self) -> FederatedData:
+        """Digits for the small scale; 60 random images per client for the paper's."""
+        if self.shape == (1, 8, 8):
+            return build_federated_data(
+                dataset="digits", partitioner="iid", num_clients=CLIENTS, seed=SEED
+            )
+        rng = torch.Generator().manual_seed(SEED)
+        count = 60 * CLIENTS
+        images = torch.rand(count, *self.shape, generator=rng)
+        labels = torch.randint(CLASSES, (count,), generator=rng)
+        central = CentralDataset(images, labels, images[:10], labels[:10], CLASSES)
+        return partitioned(central, partitioner="iid", num_clients=CLIENTS, seed=SEED)
+
+
+SCALES = {
+    "small": Scale((1, 8, 8), "fedsim.gan_models:small_generator",
+                   "fedsim.gan_models:small_discriminator"),
+    "paper": Scale((1, 28, 28), "fedsim.gan_models:paper_generator",
+                   "fedsim.gan_models:paper_discriminator"),
+}  # fmt: skip
 
 
 class CentralizedGSWGAN:
     """The paper's loop in one process: k live discriminators, one generator, no messages."""
 
-    def __init__(self, data: FederatedData) -> None:
+    def __init__(self, data: FederatedData, scale: Scale) -> None:
         torch.manual_seed(SEED)
-        self.generator = small_generator(SHAPE, CLASSES)
-        self.ema = small_generator(SHAPE, CLASSES)
+        generator, discriminator = scale.models()
+        self.generator = generator()
+        self.ema = generator()
         self.ema.load_state_dict(self.generator.state_dict())
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=LR, betas=BETAS)
         self.blocks = [
             LocalData(*data.client_dataset(j).tensors) for j in range(data.num_partitions)
         ]
-        self.critics = [small_discriminator(SHAPE, CLASSES) for _ in self.blocks]
+        self.critics = [discriminator() for _ in self.blocks]
         self.critic_optimizers = [
             torch.optim.Adam(d.parameters(), lr=LR, betas=BETAS) for d in self.critics
         ]
@@ -103,9 +150,10 @@ class CentralizedGSWGAN:
 class FederatedGSWGAN:
     """``GSWGAN`` on a fedsim engine: one round of ``count`` iterations per call."""
 
-    def __init__(self, data: FederatedData, grid_of: Callable[..., object]) -> None:
+    def __init__(self, data: FederatedData, scale: Scale, grid_of: Callable[..., object]) -> None:
+        self.scale = scale
         task = TorchTask(
-            model_fn=lambda: small_discriminator(SHAPE, CLASSES),
+            model_fn=scale.models()[1],
             loss_fn=nn.CrossEntropyLoss(),
             load_partition=lambda pid, _n: data.client_dataset(pid),
         )
@@ -117,11 +165,13 @@ class FederatedGSWGAN:
         """Run ``count`` generator iterations as one round."""
         if self.strategy is None:
             self.strategy = GSWGAN(
-                input_shape=SHAPE, num_classes=CLASSES, seed=SEED, batch_size=BATCH,
+                input_shape=self.scale.shape, num_classes=CLASSES, seed=SEED, batch_size=BATCH,
+                generator=self.scale.generator,
                 critic_steps=CRITIC_STEPS, iterations_per_round=count,
                 noise_multiplier=SIGMA, clip_norm=CLIP, evaluate_samples_per_class=0,
             )  # fmt: skip
             self.arrays = self.strategy.initial_arrays()
+        self.strategy.iterations_per_round = count
         self.arrays = run_rounds(
             strategy=self.strategy,
             grid=self.grid,  # type: ignore[arg-type]
@@ -136,18 +186,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--triples", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small")
+    parser.add_argument(
+        "--warmup", type=int, default=CLIENTS * 4, help="iterations before timing (per system)"
+    )
     args = parser.parse_args()
-    data = build_federated_data(dataset="digits", partitioner="iid", num_clients=CLIENTS, seed=0)
+    scale = SCALES[args.scale]
+    data = scale.data()
     systems = {
-        "centralized": CentralizedGSWGAN(data),
-        "inline": FederatedGSWGAN(data, InlineGrid),
+        "centralized": CentralizedGSWGAN(data, scale),
+        "inline": FederatedGSWGAN(data, scale, InlineGrid),
         "threads": FederatedGSWGAN(
-            data, lambda app, num_nodes: ThreadedGrid(app, num_nodes=num_nodes, num_workers=1)
+            data,
+            scale,
+            lambda app, num_nodes: ThreadedGrid(app, num_nodes=num_nodes, num_workers=1),
         ),
     }
     names = list(systems)
-    for system in systems.values():  # warm-up: every discriminator exists, caches are hot
-        system.iterate(CLIENTS * 4)
+    for system in systems.values():  # warm-up: discriminators exist, caches are hot
+        system.iterate(args.warmup)
     per_iteration: dict[str, list[float]] = {name: [] for name in names}
     for triple in range(args.triples):
         order = names[triple % 3 :] + names[: triple % 3]
@@ -156,12 +213,14 @@ def main() -> None:
             systems[name].iterate(args.iterations)
             per_iteration[name].append((time.perf_counter() - start) / args.iterations)
     print(
-        f"GS-WGAN on 8x8 digits: {CLIENTS} clients, B = {BATCH}, {CRITIC_STEPS} critic steps, "
+        f"GS-WGAN, {args.scale} models on {scale.shape} images: {CLIENTS} clients, B = {BATCH}, "
+        f"{CRITIC_STEPS} critic steps, "
         f"{args.triples} triples of {args.iterations} iterations, "
         f"torch threads {torch.get_num_threads()}"
     )
     for name in names:
-        print(f"  {name:12s} {statistics.median(per_iteration[name]) * 1e3:7.2f} ms/iteration")
+        median = statistics.median(per_iteration[name])
+        print(f"  {name:12s} {median * 1e3:9.2f} ms/iteration ({1 / median:.2f} iterations/s)")
     for name in names[1:]:
         ratios = [
             f / c for f, c in zip(per_iteration[name], per_iteration["centralized"], strict=True)
