@@ -4,27 +4,40 @@ Bad input ends in one line naming the problem (exit 2), and so does a run folder
 that already holds a run (unless ``--resume`` or ``--overwrite``); a failing run
 ends in one line pointing at its partial results (exit 1), with ``--debug`` for
 the traceback.
+
+``fedsim certs`` and ``fedsim keys`` write the credentials of a Flower deployment
+(``fedsim.deploy.credentials``) and print the flags that use them; a file already
+there is refused unless ``--overwrite``.
 """
 
 import argparse
 import json
 import logging
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from fedsim.config import ConfigError, RunConfig, load_config
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+Written = TypeVar("Written")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedsim`` command."""
     args = _parser().parse_args(argv)
-    console = Console(stderr=True)
+    return args.handler(args, Console(stderr=True))
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim run``: run the federation that a TOML config describes."""
     try:
         config = load_config(args.config, args.set)
         from fedsim.results import check_run_folder
@@ -107,7 +120,110 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
     run.add_argument("--debug", action="store_true", help="show the traceback when a run fails")
+    run.set_defaults(handler=_run)
+
+    certs = commands.add_parser(
+        "certs", help="write a CA and a TLS certificate for a Flower SuperLink"
+    )
+    certs.add_argument(
+        "--hosts", required=True, metavar="HOST[,HOST...]",
+        help="DNS names and IP addresses of the SuperLink (127.0.0.1, ::1, localhost are added)",
+    )  # fmt: skip
+    certs.add_argument("--out", required=True, metavar="DIR", help="folder for the files")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
+    certs.add_argument("--overwrite", action="store_true", help="replace files in DIR")
+    certs.set_defaults(handler=_certs)
+
+    keys = commands.add_parser("keys", help="write SuperNode key pairs for node authentication")
+    keys.add_argument("--out", required=True, metavar="DIR", help="folder for the files")
+    keys.add_argument("--nodes", required=True, type=int, metavar="N", help="number of SuperNodes")
+    keys.add_argument("--overwrite", action="store_true", help="replace files in DIR")
+    keys.set_defaults(handler=_keys)
     return parser
+
+
+def _certs(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim certs``: write the SuperLink's certificates and print how to pass them."""
+    from fedsim.deploy.credentials import LOOPBACK_HOSTS, write_certificates
+
+    hosts = args.hosts.split(",")
+    out = Path(args.out).expanduser().resolve()
+    certs = _written(
+        console,
+        args.command,
+        lambda: write_certificates(out, hosts, days=args.days, overwrite=args.overwrite),
+    )
+    if certs is None:
+        return EXIT_BAD_INPUT
+    first = hosts[0].strip()
+    host = f"[{first}]" if ":" in first else first  # an IPv6 address takes brackets before a port
+    supernode_args = ["--superlink", f"{host}:9092", "--root-certificates", str(certs.ca_cert)]
+    lines = [
+        f"Wrote a CA and a SuperLink certificate for {', '.join(h.strip() for h in hosts)} "
+        f"(and {', '.join(LOOPBACK_HOSTS)}), valid {args.days} days, to {out}/:",
+        f"  {certs.ca_cert.name:<10}  CA certificate: copy it to each SuperNode and flwr CLI user",
+        f"  {certs.ca_key.name:<10}  CA key (0600): keep it off the machines; it signs new ones",
+        f"  {certs.server_cert.name:<10}  SuperLink certificate",
+        f"  {certs.server_key.name:<10}  SuperLink key (0600): for the SuperLink's machine only",
+        "Start the SuperLink with",
+        f"  flower-superlink {shlex.join(certs.superlink_args())}",
+        "each SuperNode with (9092: Flower's Fleet API port)",
+        f"  flower-supernode {shlex.join(supernode_args)}",
+        "and give the flwr CLI the CA's absolute path in $FLWR_HOME/config.toml "
+        "(~/.flwr/config.toml; 9093: the Control API port):",
+        "  [superlink.<name>]",
+        f"  address = {json.dumps(f'{host}:9093')}",
+        f"  root-certificates = {json.dumps(str(certs.ca_cert))}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _keys(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim keys``: write SuperNode key pairs and print how to register them."""
+    from fedsim.deploy.credentials import write_supernode_keys
+
+    out = Path(args.out).expanduser().resolve()
+    pairs = _written(
+        console,
+        args.command,
+        lambda: write_supernode_keys(out, args.nodes, overwrite=args.overwrite),
+    )
+    if pairs is None:
+        return EXIT_BAD_INPUT
+    lines = [
+        f"Wrote {len(pairs)} SuperNode key pairs (ECDSA P-384, OpenSSH format) to {out}/: "
+        "supernode-<i> (private, 0600) and supernode-<i>.pub (public).",
+        "Start the SuperLink with TLS (fedsim certs) and --enable-supernode-auth, register each",
+        "public key with the flwr CLI (it uses the default SuperLink connection of",
+        "$FLWR_HOME/config.toml; append a connection name to pick another):",
+        *(f"  flwr supernode register {shlex.quote(str(pair.public_key))}" for pair in pairs),
+        "and start each SuperNode with its private key:",
+        *(
+            f"  flower-supernode --auth-supernode-private-key {shlex.quote(str(pair.private_key))}"
+            for pair in pairs
+        ),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _written(console: Console, command: str, write: Callable[[], Written]) -> Written | None:
+    """Return what ``write`` wrote, or print why it could not in one line and return None."""
+    from fedsim.deploy.credentials import CredentialsError
+
+    try:
+        return write()
+    except CredentialsError as exc:
+        option, reason = exc.option, exc.reason
+    except OSError as exc:  # an unwritable or vanished folder: still the user's --out
+        option, reason = "out", str(exc)
+    console.print(
+        f"[red]fedsim {command}:[/red] --{option}: {escape(reason)}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return None
 
 
 def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:

@@ -1,0 +1,1 @@
+"""Running fedsim on real machines: a Flower SuperLink and its SuperNodes."""
