@@ -1,0 +1,123 @@
+"""A real localhost deployment: a TLS SuperLink, three authenticated SuperNodes, `flwr run`.
+
+Each SuperNode runs every ClientApp call in a fresh ``flwr-clientapp`` process, with
+one torch thread (``LocalFederation.torch_threads``); the inline engine with
+``engine.torch_threads=1`` runs the same seeded computation, so the final models
+agree bit for bit: client seeds derive from the partition id (the SuperNode's
+``--node-config``), never from Flower's random node ids, and the weighted mean sums
+in float64 whatever order the replies arrive in.
+"""
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsim.cli import main
+from fedsim.deploy.credentials import write_supernode_keys
+from fedsim.deploy.localhost import LocalFederation, _descendants, _staged_app, _toml_value
+
+REPO = Path(__file__).resolve().parents[1]
+NODES = 3
+SETTINGS = {
+    "rounds": 3,
+    "data.num_clients": NODES,
+    "strategy.clients_per_round": NODES,
+    "model.name": "mlp",
+}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
+    with LocalFederation(nodes=NODES, root=tmp_path_factory.mktemp("federation")) as federation:
+        yield federation
+
+
+def _inline_model(out: Path) -> dict[str, torch.Tensor]:
+    sets = [f"{key}={_toml_value(value)}" for key, value in SETTINGS.items()]
+    sets += ['name="inline"', f"output_dir={json.dumps(str(out))}", "engine.torch_threads=1"]
+    argv = ["run", str(REPO / "experiments" / "configs" / "demo.toml")]
+    for setting in sets:
+        argv += ["--set", setting]
+    assert main(argv) == 0
+    return torch.load(out / "inline" / "model.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_three_authenticated_supernodes_train_the_inline_engines_model(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    run_config = {**SETTINGS, "name": "deployed", "output_dir": str(tmp_path)}
+
+    status = federation.run(REPO, run_config, timeout_s=600)
+
+    assert status == "finished:completed", sorted(p.name for p in federation.logs.iterdir())
+    run = tmp_path / "deployed"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["engine"] == "flwr-run"
+    assert summary["rounds"] == 3 and summary["failures"] == 0
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert all(r["replies"] == NODES for r in rounds[1:])
+    deployed = torch.load(run / "model.pt", weights_only=True)
+    inline = _inline_model(tmp_path / "inline-runs")
+    assert deployed.keys() == inline.keys()
+    for name, tensor in inline.items():
+        assert torch.equal(deployed[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_supernode_with_an_unregistered_key_is_refused(federation: LocalFederation) -> None:
+    [stranger] = write_supernode_keys(federation.logs.parent / "stranger", 1)
+
+    supernode = federation.start_supernode(stranger, partition_id=0, name="stranger")
+    returncode = supernode.wait(timeout=60)
+
+    # Flower logs exit code 305 (SUPERNODE_CONNECTION_ERROR) after the SuperLink's
+    # ApiError 2004, but the process itself exits 1, from uvicorn's shutdown.
+    log = (federation.logs / "stranger.log").read_text()
+    assert returncode != 0 and "Exit Code: 305" in log and "[code: 2004]" in log, log[-2000:]
+    superlink_log = (federation.logs / "superlink.log").read_text()
+    assert "No SuperNode found with the given public key" in superlink_log
+
+
+def test_keys_the_app_does_not_declare_go_into_a_staged_pyproject(tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(
+        '[tool.flwr.app.config]\nrounds = 3\n"data.num_clients" = 10\n\n[tool.other]\nx = 1\n'
+    )
+
+    assert _staged_app(app, {"rounds": 5, "data.num_clients": 3}, tmp_path / "s") is None
+    staged = _staged_app(app, {"rounds": 5, "model.name": "mlp", "x": True}, tmp_path / "s")
+
+    assert staged is not None
+    text = (staged / "pyproject.toml").read_text()
+    assert text.startswith('[tool.flwr.app.config]\n"model.name" = "mlp"\n"x" = true\nrounds = 3\n')
+
+
+def test_stopping_kills_each_process_group_even_when_it_ignores_sigterm(tmp_path: Path) -> None:
+    federation = LocalFederation(nodes=1, root=tmp_path, grace_s=0.5)
+    federation.logs.mkdir(parents=True)
+    # A shell that ignores SIGTERM, with a child in its group.
+    stubborn = federation._spawn("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & wait"])
+    time.sleep(0.3)
+    [child] = _descendants(stubborn.pid)
+
+    federation._stop()
+
+    assert stubborn.poll() == -signal.SIGKILL
+    assert _gone(child)
+
+
+def _gone(pid: int) -> bool:
+    """True if ``pid`` no longer runs (absent, or a zombie that init has yet to reap)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
