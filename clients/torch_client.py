@@ -17,7 +17,7 @@ from fedsim.clients.trainer import trainer_for
 from fedsim.clients.training import LossFn, evaluate
 from fedsim.engine.threaded import on_worker_thread
 from fedsim.records import config_number, get_record, records_of
-from fedsim.seeding import derive_seed, seeded_torch_rng
+from fedsim.seeding import GLOBAL_RNG_LOCK, derive_seed, seeded_torch_rng
 
 if TYPE_CHECKING:  # Opacus loads only when a client trains with DP-SGD
     from opacus import GradSampleModule
@@ -131,7 +131,8 @@ class TorchClient:
     def process_model(self) -> nn.Module:
         """Return this process's one model instance, built on first use."""
         if self._model is None:
-            self._model = self.task.model_fn().to(self.device)
+            with GLOBAL_RNG_LOCK:  # its initial draws must not land inside a seeded build
+                self._model = self.task.model_fn().to(self.device)
             if on_worker_thread():  # once per model, not once per client
                 _warn_if_drawing_global_rng(self._model)
         return self._model

@@ -20,8 +20,10 @@ import torch
 SERVER_NODE = 0
 
 Built = TypeVar("Built")
-# Held while torch's global CPU generator is seeded for one construction (see built_from_seed).
-_GLOBAL_RNG_LOCK = threading.Lock()
+#: Hold it while drawing from torch's global CPU generator in a threads-engine worker
+#: (building a model draws its initial weights): another worker may be inside
+#: :func:`built_from_seed`, whose seeded stream any draw in between would shift.
+GLOBAL_RNG_LOCK = threading.Lock()
 
 
 def derive_seed(root: int, round_: int, node: int, purpose: str) -> int:
@@ -73,6 +75,6 @@ def built_from_seed(seed: int, build: Callable[[], Built]) -> Built:
     share: the lock keeps two workers' seeded constructions from interleaving, so
     a node's model is the same on every engine.
     """
-    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
+    with GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
