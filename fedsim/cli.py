@@ -7,13 +7,16 @@ the traceback.
 
 ``fedsim certs`` and ``fedsim keys`` write the credentials of a Flower deployment
 (``fedsim.deploy.credentials``) and print the flags that use them; a file already
-there is refused unless ``--overwrite``.
+there is refused unless ``--overwrite``. ``fedsim deploy CONFIG --nodes N`` runs
+a config on a real Flower federation on this machine (``fedsim.deploy.localhost``):
+exit 0 when the run completes, 1 otherwise, naming the folder of its logs.
 """
 
 import argparse
 import json
 import logging
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +30,9 @@ from rich.table import Table
 from fedsim.config import ConfigError, RunConfig, load_config
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# flower-superlink's --port default in Flower 1.41 (flwr.supercore.constant.
+# SUPERLINK_UVICORN_DEFAULT_PORT): SuperNodes and the flwr CLI both dial it.
+SUPERLINK_PORT = 8000
 Written = TypeVar("Written")
 
 
@@ -139,6 +145,29 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--nodes", required=True, type=int, metavar="N", help="number of SuperNodes")
     keys.add_argument("--overwrite", action="store_true", help="replace files in DIR")
     keys.set_defaults(handler=_keys)
+
+    deploy = commands.add_parser(
+        "deploy", help="run a config on a real Flower federation on this machine (TLS, auth)"
+    )
+    deploy.add_argument("config", help="path to a TOML config, e.g. experiments/configs/demo.toml")
+    deploy.add_argument(
+        "--nodes", required=True, type=int, metavar="N",
+        help="number of SuperNodes; sets data.num_clients = N (one partition each)",
+    )  # fmt: skip
+    deploy.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, as in fedsim run (repeatable)",
+    )  # fmt: skip
+    deploy.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in the run folder"
+    )
+    deploy.add_argument(
+        "--insecure", action="store_true", help="without TLS and node authentication (not yet)"
+    )
+    deploy.add_argument(
+        "--timeout", type=float, default=3600, metavar="S", help="seconds to wait for the run"
+    )
+    deploy.set_defaults(handler=_deploy)
     return parser
 
 
@@ -157,7 +186,10 @@ def _certs(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     first = hosts[0].strip()
     host = f"[{first}]" if ":" in first else first  # an IPv6 address takes brackets before a port
-    supernode_args = ["--superlink", f"{host}:9092", "--root-certificates", str(certs.ca_cert)]
+    address = f"{host}:{SUPERLINK_PORT}"
+    supernode_args = ["--superlink", address, "--root-certificates", str(certs.ca_cert)]
+    # --host: the SuperLink listens on 127.0.0.1 unless told otherwise.
+    superlink_args = [*certs.superlink_args(), "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT)]
     lines = [
         f"Wrote a CA and a SuperLink certificate for {', '.join(h.strip() for h in hosts)} "
         f"(and {', '.join(LOOPBACK_HOSTS)}), valid {args.days} days, to {out}/:",
@@ -165,14 +197,17 @@ def _certs(args: argparse.Namespace, console: Console) -> int:
         f"  {certs.ca_key.name:<10}  CA key (0600): keep it off the machines; it signs new ones",
         f"  {certs.server_cert.name:<10}  SuperLink certificate",
         f"  {certs.server_key.name:<10}  SuperLink key (0600): for the SuperLink's machine only",
-        "Start the SuperLink with",
-        f"  flower-superlink {shlex.join(certs.superlink_args())}",
-        "each SuperNode with (9092: Flower's Fleet API port)",
+        "Start the SuperLink with (Flower 1.41 serves the Fleet, Control and Runtime APIs on "
+        f"one HTTPS port, {SUPERLINK_PORT} by default: open it in the firewall)",
+        f"  flower-superlink {shlex.join(superlink_args)}",
+        f"each SuperNode with (the same address and port, {address})",
         f"  flower-supernode {shlex.join(supernode_args)}",
-        "and give the flwr CLI the CA's absolute path in $FLWR_HOME/config.toml "
-        "(~/.flwr/config.toml; 9093: the Control API port):",
-        "  [superlink.<name>]",
-        f"  address = {json.dumps(f'{host}:9093')}",
+        "and give the flwr CLI the same address and the CA's absolute path in "
+        "$FLWR_HOME/config.toml (~/.flwr/config.toml):",
+        "  [superlink]",
+        '  default = "fedsim"',
+        "  [superlink.fedsim]",
+        f"  address = {json.dumps(address)}",
         f"  root-certificates = {json.dumps(str(certs.ca_cert))}",
     ]
     print("\n".join(lines))
@@ -206,6 +241,84 @@ def _keys(args: argparse.Namespace, console: Console) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _deploy(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim deploy``: run a config on a TLS SuperLink and ``--nodes`` SuperNodes here."""
+    if args.insecure:
+        console.print(
+            "fedsim deploy: --insecure: not supported yet (the federation always uses "
+            "TLS and SuperNode authentication)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_BAD_INPUT
+    if args.nodes < 1:
+        console.print(f"fedsim deploy: --nodes: expected at least 1, got {args.nodes}")
+        return EXIT_BAD_INPUT
+    try:
+        config = load_config(args.config, [*args.set, f"data.num_clients={args.nodes}"])
+        from fedsim.results import check_run_folder
+
+        check_run_folder(config, resume=False, overwrite=args.overwrite)
+        run_config = {**deployed_run_config(config), "overwrite": args.overwrite}
+    except ConfigError as exc:
+        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
+    from fedsim.deploy.localhost import DeploymentError, LocalFederation
+
+    run_dir = config.run_dir.resolve()
+    app_dir = Path(__file__).resolve().parents[1]  # the repository: its pyproject is the app
+    # keep: a failure's logs outlive the federation; a success removes them below.
+    federation = LocalFederation(nodes=args.nodes, keep=True)
+    try:
+        with federation:
+            print(
+                f"federation up: a TLS SuperLink on 127.0.0.1:{federation.port} and "
+                f"{args.nodes} authenticated SuperNodes ({federation.started_s:.1f} s); "
+                f"logs in {federation.logs}/ (kept if the run fails)",
+                flush=True,
+            )
+            print(f"running {config.name!r} ({config.rounds} rounds) with flwr run ...", flush=True)
+            status = federation.run(app_dir, run_config, timeout_s=args.timeout)
+            print(f"run {federation.last_run_id}: {status}", flush=True)
+            if status != "finished:completed":
+                print(
+                    f"fedsim deploy: the run did not complete; logs in {federation.logs}/ "
+                    f"(run-{federation.last_run_id}.log: the run's own log)"
+                )
+                return EXIT_FAILED
+    except DeploymentError as exc:
+        console.print(
+            f"[red]fedsim deploy:[/red] {escape(str(exc))}; logs in {federation.logs}/",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        console.print(f"fedsim deploy: interrupted; logs in {federation.logs}/")
+        return EXIT_INTERRUPTED
+    shutil.rmtree(federation.logs.parent, ignore_errors=True)
+    print(f"results in {run_dir}/")
+    return 0
+
+
+def deployed_run_config(config: RunConfig) -> dict[str, str | int | float | bool]:
+    """Return Flower's flat ``run_config`` for ``config``: the keys that differ from defaults.
+
+    ``output_dir`` is made absolute, because the ServerApp runs in the SuperLink's
+    folder, not here; ``name`` and ``output_dir`` are always given.
+    """
+    from fedsim.config import flatten
+
+    defaults = flatten(RunConfig())
+    flat = flatten(config)
+    flat["output_dir"] = str(config.run_dir.resolve().parent)
+    changed = {k: v for k, v in flat.items() if v != defaults.get(k) or k in {"name", "output_dir"}}
+    kept = {k: v for k, v in changed.items() if isinstance(v, str | int | float | bool)}
+    if dropped := sorted(set(changed) - set(kept)):
+        raise ConfigError(f"{', '.join(dropped)}: a Flower run config holds only scalars")
+    return kept
 
 
 def _written(console: Console, command: str, write: Callable[[], Written]) -> Written | None:

@@ -7,6 +7,7 @@ import socket
 import ssl
 import stat
 import threading
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.cli.supernode.register import try_load_public_key
 from flwr.common.args import try_obtain_root_certificates, try_obtain_server_certificates
+from flwr.supercore.constant import SUPERLINK_UVICORN_DEFAULT_PORT
 from flwr.supercore.grpc import generic_create_grpc_server
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 
@@ -188,15 +190,26 @@ def test_cli_prints_flags_that_flower_superlink_and_supernode_accept(
     files = [(out / name).resolve().read_bytes() for name in ("ca.crt", "server.pem", "server.key")]
 
     [superlink_args] = _printed(printed, "flower-superlink")
-    assert superlink_args[::2] == ["--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile"]
+    assert superlink_args[::2] == [
+        "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--host", "--port"
+    ]  # fmt: skip
     superlink = _parse_args_run_superlink().parse_args(superlink_args)
+    # One port for the Fleet, Control and Runtime APIs: Flower's default.
+    assert superlink.port == SUPERLINK_UVICORN_DEFAULT_PORT == 8000
+    assert superlink.host == "0.0.0.0"
     assert list(try_obtain_server_certificates(superlink) or ()) == files
     [supernode_args] = _printed(printed, "flower-supernode")
     supernode = _parse_args_run_supernode().parse_args(supernode_args)
-    assert supernode.superlink == "10.0.0.5:9092"
+    assert supernode.superlink == "10.0.0.5:8000"
     assert try_obtain_root_certificates(supernode, supernode.superlink) == files[0]
     assert f'root-certificates = "{(out / "ca.crt").resolve()}"' in printed
-    assert 'address = "10.0.0.5:9093"' in printed
+    # The flwr CLI dials the same address as the SuperNodes.
+    assert 'address = "10.0.0.5:8000"' in printed
+    assert ":9092" not in printed and ":9093" not in printed
+    block = printed[printed.index("  [superlink]") :]
+    connections = tomllib.loads("\n".join(line.strip() for line in block.splitlines()))
+    default = connections["superlink"]["default"]
+    assert connections["superlink"][default]["address"] == "10.0.0.5:8000"
 
 
 def test_supernode_keys_load_with_flowers_own_loaders(tmp_path: Path) -> None:
