@@ -5,13 +5,19 @@ one torch thread (``LocalFederation.torch_threads``); the inline engine with
 ``engine.torch_threads=1`` runs the same seeded computation, so the final models
 agree bit for bit: client seeds derive from the partition id (the SuperNode's
 ``--node-config``), never from Flower's random node ids, and the weighted mean sums
-in float64 whatever order the replies arrive in.
+in float64 whatever order the replies arrive in. SCAFFOLD agrees bit for bit too:
+each worker's control variate lives in ``Context.state``, which the SuperNode keeps
+for the run across the fresh ClientApp process of every message.
+
+Secure aggregation is not run here: no run-config key reaches it (it is a wrapper
+strategy, ``fedsim.strategies.SecureAggregation``, whose clients need
+``clients.secagg_mod``; ``fedsim.config`` and ``client_mods`` build neither).
 """
 
 import json
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -19,11 +25,17 @@ import torch
 
 from fedsim.cli import main
 from fedsim.deploy.credentials import write_supernode_keys
-from fedsim.deploy.localhost import LocalFederation, _descendants, _staged_app, _toml_value
+from fedsim.deploy.localhost import (
+    ConfigValue,
+    LocalFederation,
+    _descendants,
+    _staged_app,
+    _toml_value,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = 3
-SETTINGS = {
+SETTINGS: dict[str, ConfigValue] = {
     "rounds": 3,
     "data.num_clients": NODES,
     "strategy.clients_per_round": NODES,
@@ -37,8 +49,10 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
         yield federation
 
 
-def _inline_model(out: Path) -> dict[str, torch.Tensor]:
-    sets = [f"{key}={_toml_value(value)}" for key, value in SETTINGS.items()]
+def _inline_model(
+    out: Path, settings: Mapping[str, ConfigValue] = SETTINGS
+) -> dict[str, torch.Tensor]:
+    sets = [f"{key}={_toml_value(value)}" for key, value in settings.items()]
     sets += ['name="inline"', f"output_dir={json.dumps(str(out))}", "engine.torch_threads=1"]
     argv = ["run", str(REPO / "experiments" / "configs" / "demo.toml")]
     for setting in sets:
@@ -83,6 +97,91 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation: LocalFedera
     assert returncode != 0 and "Exit Code: 305" in log and "[code: 2004]" in log, log[-2000:]
     superlink_log = (federation.logs / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in superlink_log
+
+
+# SCAFFOLD (the multi-exchange seam; one exchange a round): round 2 needs the control
+# variate each worker left in its SuperNode's Context.state in round 1.
+SCAFFOLD: dict[str, ConfigValue] = {
+    **SETTINGS,
+    "rounds": 2,
+    "strategy.name": "scaffold",
+    "strategy.local_steps": 3,
+    "data.partitioner": "qsplit",
+    "data.q": 0.5,
+    "client.batch_size": 16,
+}
+
+
+@pytest.mark.slow
+def test_scaffold_across_supernodes_trains_the_inline_engines_model(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    status = federation.run(REPO, {**SCAFFOLD, "name": "scaffold", "output_dir": str(tmp_path)})
+
+    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
+    run = tmp_path / "scaffold"
+    rounds = _metrics(run)
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert all(r["replies"] == r["exchanges"] * NODES and r["failures"] == 0 for r in rounds[1:])
+    deployed = torch.load(run / "model.pt", weights_only=True)
+    inline = _inline_model(tmp_path / "inline-runs", SCAFFOLD)
+    assert deployed.keys() == inline.keys()
+    for name, tensor in inline.items():
+        assert torch.equal(deployed[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_a_counted_failure_and_rejoins_with_its_key(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    # Flower 1.41: a SIGKILLed SuperNode sends no more heartbeats (every 30 s); the
+    # SuperLink counts it online for two of them, then answers each message still
+    # addressed to it with a NODE_UNAVAILABLE error reply, which the ServerApp's
+    # Grid pulls like any reply. The round ends about a minute after the kill.
+    victim = NODES - 1
+    log = federation.logs / f"{federation.keys[victim].name}.log"
+    run_id = federation.submit(REPO, {**SETTINGS, "rounds": 1, "name": "killed",
+                                      "output_dir": str(tmp_path)})  # fmt: skip
+    _wait_for_text(log, f"[RUN {run_id}]", timeout_s=180)  # the victim has its message
+
+    federation.kill_supernode(victim)
+    status = federation.wait(run_id, timeout_s=300)
+
+    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
+    [_, killed] = _metrics(tmp_path / "killed")
+    assert killed["replies"] == NODES and killed["failures"] == 1, killed
+    assert "Node Unavailable" in (federation.logs / f"run-{run_id}.log").read_text()
+
+    # The same key is admitted again, now that the SuperLink counts the node offline.
+    superlink_log = federation.logs / "superlink.log"
+    before = superlink_log.stat().st_size
+    activations = log.read_text().count("SuperNode ID")
+    federation.restart_supernode(victim)
+    _wait_for_text(log, "SuperNode ID", timeout_s=60, after=activations)
+    status = federation.run(REPO, {**SETTINGS, "rounds": 1, "name": "rejoined",
+                                   "output_dir": str(tmp_path)})  # fmt: skip
+
+    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
+    assert "No SuperNode found" not in superlink_log.read_text()[before:]
+    [_, rejoined] = _metrics(tmp_path / "rejoined")
+    assert rejoined["replies"] == NODES and rejoined["failures"] == 0, rejoined
+    assert federation.supernodes[victim].poll() is None
+
+
+def _metrics(run: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-2000:]
+
+
+def _wait_for_text(log: Path, text: str, *, timeout_s: float, after: int = 0) -> None:
+    """Wait until ``log`` holds more than ``after`` occurrences of ``text``."""
+    deadline = time.monotonic() + timeout_s
+    while log.read_text(errors="replace").count(text) <= after:
+        assert time.monotonic() < deadline, f"no {text!r} in {log.name}: {_tail(log)}"
+        time.sleep(0.5)
 
 
 def test_keys_the_app_does_not_declare_go_into_a_staged_pyproject(tmp_path: Path) -> None:

@@ -23,6 +23,14 @@ On entry, it
 
 Every process writes its log to ``<root>/logs/``; on exit each is stopped by PID
 (SIGTERM to its process group, SIGKILL after a grace period), failure or not.
+
+Faults: ``submit`` starts a run without waiting for it, ``kill_supernode(i)`` crashes
+SuperNode ``i`` (SIGKILL to it and all it started) and ``restart_supernode(i)``
+starts it again with the same key. Flower 1.41 notices a dead SuperNode only by
+its missing heartbeats (one every 30 s, fixed in the SuperNode): two intervals
+after the last one the SuperLink marks it offline and answers each message still
+addressed to it with a ``NODE_UNAVAILABLE`` error reply, which the ServerApp pulls
+like any reply. Only then does it accept the same key again.
 """
 
 import json
@@ -100,6 +108,7 @@ class LocalFederation:
     grace_s: float = 10.0
     started_s: float = field(init=False, default=0.0)
     _processes: list[_Process] = field(init=False, default_factory=list)
+    supernodes: list[subprocess.Popen[bytes]] = field(init=False, default_factory=list)
     _temporary: bool = field(init=False, default=False)
 
     def __enter__(self) -> "LocalFederation":
@@ -178,8 +187,9 @@ class LocalFederation:
         self._write_flwr_config()
         for pair in self.keys:
             self.register(pair)
-        for i, pair in enumerate(self.keys):
-            self.start_supernode(pair, partition_id=i)
+        self.supernodes = [
+            self.start_supernode(pair, partition_id=i) for i, pair in enumerate(self.keys)
+        ]
         self.started_s = time.monotonic() - begin
 
     def _write_flwr_config(self) -> None:
@@ -261,10 +271,7 @@ class LocalFederation:
     ) -> str:
         """Run the Flower App in ``app_dir`` with ``run_config``; return its final status.
 
-        ``flwr run --run-config`` overrides only keys that the app's
-        ``[tool.flwr.app.config]`` lists. Keys it lacks are added to a staged copy of
-        the app's ``pyproject.toml`` (the FAB then carries no code: with runtime
-        dependency installation disabled, the app runs from the installed package).
+        :meth:`submit`, then :meth:`wait`.
 
         Returns
         -------
@@ -275,6 +282,21 @@ class LocalFederation:
         ------
         DeploymentError
             If ``flwr run`` fails or the run does not finish within ``timeout_s``.
+        """
+        return self.wait(self.submit(app_dir, run_config), timeout_s=timeout_s)
+
+    def submit(self, app_dir: Path, run_config: Mapping[str, ConfigValue]) -> int:
+        """Start the Flower App in ``app_dir`` with ``run_config``; return its run id.
+
+        ``flwr run --run-config`` overrides only keys that the app's
+        ``[tool.flwr.app.config]`` lists. Keys it lacks are added to a staged copy of
+        the app's ``pyproject.toml`` (the FAB then carries no code: with runtime
+        dependency installation disabled, the app runs from the installed package).
+
+        Raises
+        ------
+        DeploymentError
+            If ``flwr run`` fails.
         """
         app_dir = Path(app_dir).resolve()
         app = _staged_app(app_dir, run_config, self._root / "apps") or app_dir
@@ -292,7 +314,7 @@ class LocalFederation:
         if done.returncode != 0 or run_id is None:
             raise DeploymentError(f"flwr run failed: {(done.stdout + done.stderr).strip()[-800:]}")
         self.last_run_id = int(run_id)
-        return self.wait(self.last_run_id, timeout_s=timeout_s)
+        return self.last_run_id
 
     def status(self, run_id: int) -> str:
         """Return the status text of run ``run_id`` (``flwr ls --run-id``)."""
@@ -318,6 +340,35 @@ class LocalFederation:
             if time.monotonic() > deadline:
                 raise DeploymentError(f"run {run_id} still {status!r} after {timeout_s:.0f} s")
             time.sleep(poll_s)
+
+    # -- faults ----------------------------------------------------------------------------
+
+    def kill_supernode(self, i: int, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send ``sig`` to SuperNode ``i``, its process group and every descendant.
+
+        With SIGKILL this is a machine's crash: no deactivation reaches the
+        SuperLink, which counts the node online until two heartbeats lapse
+        (Flower 1.41: ``HEARTBEAT_PATIENCE`` 2 x 30 s).
+        """
+        popen = self.supernodes[i]
+        descendants = _descendants(popen.pid)
+        _signal_group(popen, sig)
+        for pid in descendants:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if sig == signal.SIGKILL:
+            popen.wait()
+
+    def restart_supernode(self, i: int) -> subprocess.Popen[bytes]:
+        """Start SuperNode ``i`` again, with its key and partition; its log is appended.
+
+        Flower 1.41's SuperLink activates a node only while it is registered or
+        offline: one killed less than two heartbeats (60 s) ago still counts as online.
+        """
+        self.supernodes[i] = self.start_supernode(self.keys[i], partition_id=i)
+        return self.supernodes[i]
 
     # -- shutdown --------------------------------------------------------------------------
 
