@@ -7,7 +7,7 @@ from private data only through the gradient that flows from a discriminator into
 each generated image; that gradient is sanitized (per-sample clip, Gaussian
 noise), so the discriminators train normally on their own data.
 
-One iteration t:
+One iteration t (the client's computations are in :mod:`fedsim.gan_training`):
 
 1. The server draws latents z and uniform labels y', generates the B images
    x~ = G(z, y') and samples m clients uniformly; it sends each the images and
@@ -46,7 +46,7 @@ one, which is the guarantee.
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from fedsim.clients import TorchClient
 from fedsim.clients.local_routines import LocalData
 from fedsim.clients.points import config_of, local_data
 from fedsim.clients.torch_client import resolve_device
-from fedsim.gan_models import sample_latent
+from fedsim.gan_training import critic_steps, image_gradients, latent_of, warm_start
 from fedsim.loop import EvaluateFn, TrainRound
 from fedsim.privacy.gradient_sanitizer import sanitize
 from fedsim.records import config_number, get_record, records_of
@@ -83,110 +83,7 @@ if TYPE_CHECKING:  # it imports Opacus and autodp: loaded when privacy is first 
 
 logger = logging.getLogger(__name__)
 
-GRADIENT_PENALTY = 10.0  # WGAN-GP's lambda
-DRIFT_PENALTY = 0.001  # keeps the critic's real scores near 0 (the authors' epsilon drift)
 GENERATOR_PREFIX, EMA_PREFIX = "generator.", "ema."
-
-Discriminator = Callable[[Tensor, Tensor], Tensor]
-
-
-def latent_of(generator: nn.Module, batch_size: int, rng: torch.Generator) -> Tensor:
-    """Return B latents for ``generator``: z ~ Bernoulli(0.5)^latent_dim, the paper's."""
-    return sample_latent(batch_size, cast(int, generator.latent_dim), rng)
-
-
-def critic_loss(
-    discriminator: Discriminator,
-    real: Tensor,
-    real_labels: Tensor,
-    fakes: Tensor,
-    fake_labels: Tensor,
-    rng: torch.Generator,
-) -> Tensor:
-    """WGAN-GP's critic loss with the authors' drift term (see the module docstring).
-
-    The gradient penalty interpolates each real image with a fake one; with fewer
-    real images than fakes (a small client), the first ``len(real)`` fakes are used.
-    """
-    real_scores = discriminator(real, real_labels)
-    mix = torch.rand(len(real), *([1] * (real.ndim - 1)), generator=rng).to(real.device)
-    mixed = (mix * real + (1 - mix) * fakes[: len(real)]).requires_grad_(True)
-    (slope,) = torch.autograd.grad(
-        discriminator(mixed, real_labels).sum(), mixed, create_graph=True
-    )
-    penalty = ((slope.flatten(1).norm(dim=1) - 1) ** 2).mean()
-    return (
-        discriminator(fakes, fake_labels).mean()
-        - real_scores.mean()
-        + GRADIENT_PENALTY * penalty
-        + DRIFT_PENALTY * (real_scores**2).mean()
-    )
-
-
-def critic_steps(
-    discriminator: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data: LocalData,
-    fakes: Tensor,
-    fake_labels: Tensor,
-    *,
-    steps: int,
-    rng: torch.Generator,
-) -> None:
-    """Run ``steps`` critic steps on fresh real batches of len(fakes) samples against ``fakes``."""
-    for _ in range(steps):
-        real, real_labels = data.batch(len(fakes), rng)
-        optimizer.zero_grad(set_to_none=True)
-        critic_loss(discriminator, real, real_labels, fakes, fake_labels, rng).backward()
-        optimizer.step()
-
-
-def image_gradients(discriminator: Discriminator, fakes: Tensor, labels: Tensor) -> Tensor:
-    """Return g_i = dL_G/dx~_i for L_G = -mean D(x~, y'): one row per image.
-
-    ``torch.autograd.grad`` asks for the images' gradient only, so the
-    discriminator's parameters receive none (no backward hook, as the authors'
-    torch-1.2 code used).
-    """
-    images = fakes.detach().requires_grad_(True)
-    (gradient,) = torch.autograd.grad(-discriminator(images, labels).mean(), images)
-    return gradient
-
-
-def warm_start(
-    discriminator: nn.Module,
-    data: LocalData,
-    generator: nn.Module,
-    *,
-    steps: int,
-    critic_steps_per_step: int,
-    batch_size: int,
-    lr: float,
-    betas: tuple[float, float],
-    rng: torch.Generator,
-) -> None:
-    """Pre-train ``discriminator`` against ``generator``, a throw-away one, without noise.
-
-    Each of ``steps`` iterations runs the critic steps on fakes with the real
-    batch's labels, then one non-private generator step. Neither model leaves
-    the caller (see the module docstring for why this costs no privacy).
-    """
-    critic_optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)
-    generator_optimizer = torch.optim.Adam(generator.parameters(), lr=lr, betas=betas)
-    for _ in range(steps):
-        for _ in range(critic_steps_per_step):
-            real, labels = data.batch(batch_size, rng)
-            with torch.no_grad():
-                fakes = generator(latent_of(generator, len(labels), rng).to(real.device), labels)
-            critic_optimizer.zero_grad(set_to_none=True)
-            critic_loss(discriminator, real, labels, fakes, labels, rng).backward()
-            critic_optimizer.step()
-        labels = torch.randint(cast(int, generator.num_classes), (batch_size,), generator=rng)
-        labels = labels.to(data.targets.device)
-        fakes = generator(latent_of(generator, batch_size, rng).to(labels.device), labels)
-        generator_optimizer.zero_grad(set_to_none=True)
-        (-discriminator(fakes, labels).mean()).backward()
-        generator_optimizer.step()
 
 
 # ---------------------------------------------------------------------- client action

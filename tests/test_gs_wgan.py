@@ -21,8 +21,9 @@ from fedsim.data import build_federated_data
 from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, run_on_grid
 from fedsim.gan_models import small_discriminator
+from fedsim.gan_training import image_gradients
 from fedsim.loop import run_rounds
-from fedsim.strategies.gs_wgan import GSWGAN, gswgan_step, image_gradients
+from fedsim.strategies.gs_wgan import GSWGAN, gswgan_step
 from tests.conftest import run_script
 
 CONFIG = "experiments/configs/gswgan-digits.toml"

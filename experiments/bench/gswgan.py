@@ -12,7 +12,7 @@ needs the Hub), for the CPU throughput of the MNIST configuration.
 The centralized loop is the paper's algorithm with everything in one process and
 nothing serialized: one discriminator module and Adam optimizer per block, kept
 alive, and the same models, critic steps, image gradients and sanitizer
-(``fedsim.strategies.gs_wgan``, ``fedsim.privacy.gradient_sanitizer``) as the
+(``fedsim.gan_training``, ``fedsim.privacy.gradient_sanitizer``) as the
 federated strategy. The federated runs are ``GSWGAN`` on the inline and threads
 engines, where every iteration is an exchange of Flower messages and every
 discriminator lives in its node's ``Context.state`` between iterations. Blocks of
@@ -46,15 +46,11 @@ from fedsim.data import FederatedData, build_federated_data  # noqa: E402
 from fedsim.data.datasets import CentralDataset  # noqa: E402
 from fedsim.data.federated import partitioned  # noqa: E402
 from fedsim.engine import InlineGrid, ThreadedGrid  # noqa: E402
+from fedsim.gan_training import critic_steps, image_gradients, latent_of  # noqa: E402
 from fedsim.loop import run_rounds  # noqa: E402
 from fedsim.privacy.gradient_sanitizer import sanitize  # noqa: E402
 from fedsim.registry import resolve  # noqa: E402
-from fedsim.strategies.gs_wgan import (  # noqa: E402
-    GSWGAN,
-    critic_steps,
-    image_gradients,
-    latent_of,
-)
+from fedsim.strategies.gs_wgan import GSWGAN  # noqa: E402
 
 SEED, CLIENTS, BATCH, CRITIC_STEPS, SIGMA, CLIP = 0, 24, 32, 5, 1.07, 1.0
 CLASSES, LR, BETAS = 10, 1e-4, (0.5, 0.9)
