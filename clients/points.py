@@ -118,6 +118,31 @@ def to_record(point: Point) -> ArrayRecord:
     return to_array_record({name: value.numpy(force=True) for name, value in point.items()})
 
 
+def optimizer_record(optimizer: torch.optim.Optimizer) -> ArrayRecord:
+    """Encode an optimizer's per-parameter state (Adam's moments, step counts) as arrays.
+
+    Entries are named ``"<parameter index>.<name>"``; the hyperparameters are not
+    kept: whoever rebuilds the optimizer sets them (:func:`load_optimizer`).
+    """
+    return to_record(
+        {
+            f"{index}.{name}": value
+            for index, state in optimizer.state_dict()["state"].items()
+            for name, value in state.items()
+        }
+    )
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, record: ArrayRecord) -> None:
+    """Load the per-parameter state :func:`optimizer_record` encoded into ``optimizer``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in arrays_of(record).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = torch.from_numpy(np.array(value))
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def _tensors_of(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """All samples of a node's dataset as ``(inputs, targets)`` tensors."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:

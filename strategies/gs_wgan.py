@@ -44,7 +44,7 @@ one, which is the guarantee.
 """
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,7 +60,14 @@ from fedsim.algorithm import ClientAction
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients import TorchClient
 from fedsim.clients.local_routines import LocalData
-from fedsim.clients.points import config_of, local_data
+from fedsim.clients.points import (
+    config_of,
+    load_optimizer,
+    local_data,
+    optimizer_record,
+    tensors,
+    to_record,
+)
 from fedsim.clients.torch_client import resolve_device
 from fedsim.gan_training import critic_steps, image_gradients, latent_of, warm_start
 from fedsim.loop import EvaluateFn, TrainRound
@@ -127,8 +134,8 @@ def gswgan_step(client: TorchClient, message: Message, context: Context) -> Mess
         noise_multiplier=config_number(config, keys.NOISE_MULTIPLIER, float),
         generator=torch_generator(seed, iteration, node, "gswgan.noise"),
     )
-    context.state[keys.DISCRIMINATOR] = _record_of(discriminator.state_dict())
-    context.state[keys.CRITIC_OPTIMIZER] = _optimizer_record(optimizer)
+    context.state[keys.DISCRIMINATOR] = to_record(discriminator.state_dict())
+    context.state[keys.CRITIC_OPTIMIZER] = optimizer_record(optimizer)
     content = RecordDict(
         {keys.GRADIENTS: to_array_record({keys.IMAGES: sanitized.numpy(force=True)})}
     )
@@ -148,8 +155,8 @@ def _restore_discriminator(
     """Load the node's discriminator and moments, or create and warm-start them."""
     stored = records_of(context.state, ArrayRecord)
     if keys.DISCRIMINATOR in stored:
-        discriminator.load_state_dict(_tensors(stored[keys.DISCRIMINATOR]))
-        _load_optimizer(optimizer, stored[keys.CRITIC_OPTIMIZER])
+        discriminator.load_state_dict(tensors(client, stored[keys.DISCRIMINATOR]))
+        load_optimizer(optimizer, stored[keys.CRITIC_OPTIMIZER])
         return
     initial = built_from_seed(
         derive_seed(seed, 0, node, "gswgan.discriminator"), client.task.model_fn
@@ -181,34 +188,6 @@ def _restore_discriminator(
 
 def _generator_factory(config: ConfigRecord) -> Callable[..., nn.Module]:
     return resolve("strategy.params.generator", str(config[keys.GENERATOR]), {})
-
-
-def _record_of(state: Mapping[str, Tensor]) -> ArrayRecord:
-    return to_array_record({name: value.numpy(force=True) for name, value in state.items()})
-
-
-def _tensors(record: ArrayRecord) -> dict[str, Tensor]:
-    return {name: torch.from_numpy(np.array(value)) for name, value in arrays_of(record).items()}
-
-
-def _optimizer_record(optimizer: torch.optim.Optimizer) -> ArrayRecord:
-    """Adam's per-parameter moments and step counts, as ``"<index>.<name>"`` arrays."""
-    return _record_of(
-        {
-            f"{index}.{name}": value
-            for index, state in optimizer.state_dict()["state"].items()
-            for name, value in state.items()
-        }
-    )
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, record: ArrayRecord) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in _tensors(record).items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ---------------------------------------------------------------------- server strategy
@@ -338,7 +317,7 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
         )
 
     def _load(self, arrays: ArrayRecord) -> None:
-        values = _tensors(arrays)
+        values = arrays.to_torch_state_dict()
         for prefix, module in ((GENERATOR_PREFIX, self.model), (EMA_PREFIX, self.ema)):
             module.load_state_dict(
                 {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
