@@ -42,6 +42,7 @@ PRIVACY_OPTIONS: Mapping[str, str] = {
     "client.dp_sgd": "record-level DP-SGD on every client, each node's ε reported",
     "privacy.local_dp": "every update privatized on the device (PrivUnit2 + ScalarDP)",
     "privacy.central_dp": "the aggregate released with Gaussian noise, ε accounted",
+    "privacy.secure_aggregation": "the server sees only the cohort's masked sum, no update",
 }
 
 Handler = Callable[["TorchClient", Message, Context], Message]

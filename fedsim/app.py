@@ -10,7 +10,7 @@
 from collections.abc import Callable, Iterable
 from functools import lru_cache
 
-from flwr.app import Context, Message, UserConfig
+from flwr.app import Context, Message, MessageType, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.serverapp import Grid, ServerApp
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsim.algorithm import check_mods, message_types
 from fedsim.clients import TorchClient
 from fedsim.clients import client_app as routed_client_app
+from fedsim.clients.secagg_mod import SecAggClient
 from fedsim.composition import strategy_class
 from fedsim.config import ConfigError, RunConfig, parse_config, unflatten
 from fedsim.experiment import build_task, client_mods, run_on_grid
@@ -53,8 +54,9 @@ def client_app_for(resolve: ConfigResolver, *, algorithms: Iterable[type] = ()) 
     """Build a ClientApp whose task (and mods) come from the config ``resolve`` finds.
 
     It answers the client actions of ``algorithms`` (strategy classes) besides
-    ``train`` and ``evaluate``; a config's mods are checked against its own
-    strategy's message types when first used.
+    ``train`` and ``evaluate``, and secure aggregation's four exchanges; a config's
+    mods are checked against its own strategy's message types when first used. A
+    config with ``privacy.secure_aggregation`` gets no plain ``train`` answered.
     """
 
     def config_mods(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -63,9 +65,28 @@ def client_app_for(resolve: ConfigResolver, *, algorithms: Iterable[type] = ()) 
             handler = _chained(mod, handler)
         return handler(message, context)
 
-    return routed_client_app(
-        lambda context: _client(resolve(context)), [config_mods], algorithms=algorithms
-    )
+    def unmasked_refused(
+        message: Message, context: Context, call_next: ClientAppCallable
+    ) -> Message:
+        if (
+            message.metadata.message_type == MessageType.TRAIN
+            and resolve(context).privacy.secure_aggregation
+        ):
+            raise PermissionError(
+                "privacy.secure_aggregation = true: a plain train message is refused, "
+                "its reply would carry this client's unmasked update"
+            )
+        return call_next(message, context)
+
+    def clients(context: Context) -> TorchClient:
+        return _client(resolve(context))
+
+    app = routed_client_app(clients, [unmasked_refused, config_mods], algorithms=algorithms)
+    # Secure aggregation's masked-input exchange trains through an app of plain
+    # train and evaluate with the config's mods, so what it masks is what a plain
+    # reply would carry (locally privatized, if the config says so).
+    SecAggClient(routed_client_app(clients, [config_mods])).register(app)
+    return app
 
 
 @lru_cache(maxsize=4)

@@ -81,6 +81,7 @@ def check_composition(config: RunConfig) -> None:
         "client.dp_sgd": config.client.dp_sgd,
         "privacy.local_dp": config.privacy.local_dp,
         "privacy.central_dp": config.privacy.central_dp,
+        "privacy.secure_aggregation": config.privacy.secure_aggregation,
     }
     for option in (option for option, on in asked.items() if on):
         reason = privacy_refusal(cls, option)
@@ -89,6 +90,24 @@ def check_composition(config: RunConfig) -> None:
                 f"{option} = true is refused with strategy.name = {config.strategy.name!r}: "
                 f"{reason} (docs/privacy.md lists what combines)"
             )
+    _check_secure_aggregation(config)
+
+
+def _check_secure_aggregation(config: RunConfig) -> None:
+    """Refuse what secure aggregation cannot give: a lone client, adaptive clipping."""
+    privacy = config.privacy
+    if not privacy.secure_aggregation:
+        return
+    if config.strategy.clients_per_round < 2:
+        raise ConfigError(
+            "strategy.clients_per_round = 1 is refused with privacy.secure_aggregation = true: "
+            "the sum of one update is that update"
+        )
+    if privacy.central_dp and privacy.adaptive_clipping:
+        raise ConfigError(
+            "privacy.adaptive_clipping = true is refused with privacy.secure_aggregation = "
+            "true: it needs each client's clipped-or-not bit, which the server no longer sees"
+        )
 
 
 def _check_params(

@@ -146,7 +146,13 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Central DP (a wrapper around the strategy) and Apple-style local privatization."""
+    """Central DP and secure aggregation (wrappers around the strategy), local privatization.
+
+    Secure aggregation clips each coordinate of an update to ``secagg_clip_range``
+    (under central DP the clip norm takes its place), counts a client's update for
+    at most ``secagg_max_weight`` examples, and needs ``secagg_threshold`` of the
+    cohort to answer each of its four exchanges.
+    """
 
     central_dp: bool = False
     noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
@@ -162,6 +168,10 @@ class PrivacyConfig:
     epsilon_magnitude: float = _positive(2.0)
     local_clip: float = _positive(1.0)
     magnitude_levels: int = _at_least(10, 1)
+    secure_aggregation: bool = False
+    secagg_clip_range: float = _positive(1.0)
+    secagg_max_weight: int = _at_least(1000, 1)
+    secagg_threshold: float = _rule(2 / 3, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)

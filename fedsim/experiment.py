@@ -93,26 +93,42 @@ def build_task(config: RunConfig) -> TorchTask:
 
 
 def build_strategy(config: RunConfig) -> Strategy:
-    """Build the config's strategy (wrapped in central DP when configured)."""
+    """Build the config's strategy, wrapped in central DP and/or secure aggregation."""
     strategy = _base_strategy(config)
     privacy = config.privacy
-    if not privacy.central_dp:
+    if not (privacy.central_dp or privacy.secure_aggregation):
         return strategy
-    from fedsim.strategies.central_dp import CentralDP  # loads Opacus: only when asked for
+    # The wrappers load Opacus and the protocol's cryptography: only when asked for.
+    from fedsim.strategies.central_dp import CentralDP
+    from fedsim.strategies.gaussian_sum_release import GaussianSumRelease
+    from fedsim.strategies.secure_aggregation import SecureAggregation
+    from fedsim.strategies.secure_central_dp import SecureCentralDP
 
-    return CentralDP(
-        strategy,
-        noise_multiplier=privacy.noise_multiplier,
-        clip_norm=privacy.clip_norm,
-        expected_cohort_size=config.strategy.clients_per_round,
-        sampling=privacy.sampling,
-        accountant=privacy.accountant,
-        delta=privacy.delta,
-        adaptive_clipping=privacy.adaptive_clipping,
-        noise_cohort_size=privacy.noise_cohort_size or None,
-        accounting_population=privacy.accounting_population or None,
-        seed=config.seed,
-    )
+    if not privacy.central_dp:
+        return SecureAggregation(
+            strategy,
+            clip_range=privacy.secagg_clip_range,
+            max_weight=privacy.secagg_max_weight,
+            threshold_fraction=privacy.secagg_threshold,
+        )
+    release = {
+        "noise_multiplier": privacy.noise_multiplier,
+        "clip_norm": privacy.clip_norm,
+        "expected_cohort_size": config.strategy.clients_per_round,
+        "sampling": privacy.sampling,
+        "accountant": privacy.accountant,
+        "delta": privacy.delta,
+        "noise_cohort_size": privacy.noise_cohort_size or None,
+        "accounting_population": privacy.accounting_population or None,
+        "seed": config.seed,
+    }
+    if privacy.secure_aggregation:
+        return SecureCentralDP(
+            strategy,
+            release=GaussianSumRelease(**release),
+            threshold_fraction=privacy.secagg_threshold,
+        )
+    return CentralDP(strategy, adaptive_clipping=privacy.adaptive_clipping, **release)
 
 
 def client_mods(config: RunConfig) -> list[ClientMod]:

@@ -46,8 +46,14 @@ def run_experiment(
 def engine_client_app(config: RunConfig) -> ClientApp:
     """Return the ClientApp fedsim's engines run: the config's task, mods, strategy's actions.
 
-    Built once, here; the threads and Ray engines copy it into their workers.
+    Built once, here; the threads and Ray engines copy it into their workers. Under
+    secure aggregation it answers the protocol's exchanges and no plain ``train``,
+    so no unmasked update can leave a client.
     """
+    if config.privacy.secure_aggregation:
+        from fedsim.clients.secagg_mod import secure_client_app  # the protocol's cryptography
+
+        return secure_client_app(build_task(config), [m.mod for m in client_mods(config)])
     return make_client_app(
         build_task(config), client_mods(config), algorithms=[strategy_class(config)]
     )

@@ -261,6 +261,11 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
             "GS-WGAN's noise is added on the client, per image gradient; it has no "
             "aggregate model to release centrally"
         ),
+        "privacy.secure_aggregation": (
+            "fedsim's protocol masks and sums the model of a plain 'train' reply; GS-WGAN's "
+            "clients reply image gradients to train.gswgan (only their mean is used, so "
+            "the protocol could carry them, but it does not yet)"
+        ),
     }
 
     def __post_init__(self) -> None:

@@ -48,7 +48,10 @@ logger = logging.getLogger(__name__)
 
 
 def refusals(strategy: str, message_types: str) -> dict[str, str]:
-    """Why a multi-exchange strategy refuses local and central DP (it honours DP-SGD)."""
+    """Why a multi-exchange strategy refuses local and central DP and secure aggregation.
+
+    It honours DP-SGD.
+    """
     return {
         "privacy.local_dp": (
             f"the local privatizer privatizes the model of a plain 'train' reply; {strategy}'s "
@@ -57,6 +60,10 @@ def refusals(strategy: str, message_types: str) -> dict[str, str]:
         "privacy.central_dp": (
             f"central DP replaces a one-exchange strategy's aggregation; {strategy} runs "
             "several exchanges of its own per round"
+        ),
+        "privacy.secure_aggregation": (
+            f"secure aggregation masks the model of a plain 'train' reply and sums it; "
+            f"{strategy}'s clients answer {message_types}"
         ),
     }
 
