@@ -157,7 +157,11 @@ class SecAggClient:
         update, weight = self._contribution(message, context, record, quantizer)
         config = get_record(message.content, keys.CONFIG, ConfigRecord)
         seed = read(config, keys.SEED, int) if keys.SEED in config else 0
-        encoded = quantizer.encode(update, weight, numpy_rng(seed, secrets.round, me, "secagg"))
+        # Seeded by the partition, as every client draw is, not by Flower's node id
+        # (random under the deployment engine): the same run rounds the same way anywhere.
+        partition = int(context.node_config[keys.PARTITION_ID])
+        rng = numpy_rng(seed, secrets.round, partition, "secagg")
+        encoded = quantizer.encode(update, weight, rng)
         masked = mask(
             encoded,
             node=me,

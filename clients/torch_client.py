@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+    UserConfig,
+)
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -42,6 +50,12 @@ class TorchTask:
         Batch-mean loss, e.g. ``nn.CrossEntropyLoss()``.
     load_partition
         ``(partition_id, num_partitions) -> Dataset`` of ``(input, target)`` pairs.
+    load_node_data
+        A node's own data, replacing ``load_partition``: called with the node's
+        whole ``node_config`` (a SuperNode's ``--node-config``, e.g.
+        ``"partition-id=0 num-partitions=3 data-dir='/srv/site-a'"``), returns its
+        Dataset. It runs for every message a node handles: under Flower's
+        deployment engine each message is a fresh ClientApp process anyway.
     optimizer_fn
         ``(parameters, lr) -> Optimizer``; a fresh optimizer each round.
     device
@@ -56,13 +70,18 @@ class TorchTask:
 
     model_fn: Callable[[], nn.Module]
     loss_fn: LossFn
-    load_partition: Callable[[int, int], Dataset]
+    load_partition: Callable[[int, int], Dataset] | None = None
     optimizer_fn: OptimizerFn = sgd
     device: str = "cpu"
     lr: float = 0.05
     local_epochs: int = 1
     batch_size: int = 32
     dp_sgd: DPSGD | None = None
+    load_node_data: Callable[[UserConfig], Dataset] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.load_partition is None) == (self.load_node_data is None):
+            raise ValueError("TorchTask takes exactly one of load_partition and load_node_data")
 
 
 class TorchClient:
@@ -198,7 +217,10 @@ class TorchClient:
         return Message(RecordDict({keys.METRICS: record}), reply_to=message)
 
     def partition(self, context: Context) -> Dataset:
-        """Return the node's data partition, as its node_config names it."""
+        """Return the node's data: its own (``load_node_data``) or its partition's."""
+        if self.task.load_node_data is not None:
+            return self.task.load_node_data(dict(context.node_config))
+        assert self.task.load_partition is not None  # TorchTask holds one of the two
         try:
             partition_id = int(context.node_config[keys.PARTITION_ID])
             num_partitions = int(context.node_config[keys.NUM_PARTITIONS])

@@ -77,6 +77,10 @@ def check_composition(config: RunConfig) -> None:
         resolve("data.dataset", data.dataset, DATASETS) if is_import_path(data.dataset) else None
     )
     _check_params("data", data.dataset, loader, data.params, DATA_KEYWORDS)
+    if data.load_partition and not callable(
+        resolve("data.load_partition", data.load_partition, {})
+    ):
+        raise ConfigError(f"data.load_partition = {data.load_partition!r} is not a function")
     asked = {
         "client.dp_sgd": config.client.dp_sgd,
         "privacy.local_dp": config.privacy.local_dp,

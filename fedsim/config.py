@@ -72,6 +72,12 @@ class DataConfig:
     returning a ``fedsim.data.datasets.CentralDataset``; it gets ``params`` as
     keyword arguments, plus ``seed`` and ``test_fraction`` if it takes them, and
     its train split is partitioned like a shipped dataset's.
+
+    ``load_partition`` (``"module:function"``) gives each node its own data
+    instead: the function gets the node's whole ``node_config`` (a SuperNode's
+    ``--node-config``) and returns a ``torch.utils.data.Dataset`` of (input,
+    target) pairs. ``dataset`` still gives the server's test split and the
+    model's input shape and classes.
     """
 
     dataset: str = "digits"
@@ -85,6 +91,7 @@ class DataConfig:
     synthetic_alpha: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
     synthetic_beta: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
     params: Params = field(default_factory=Params)
+    load_partition: str = ""
 
     def __post_init__(self) -> None:
         if (self.dataset == "synthetic") != (self.partitioner == "natural"):

@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, UserConfig
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
@@ -28,7 +28,7 @@ from fedsim.data import FederatedData, build_federated_data
 from fedsim.data.federated import partitioned
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.progress import ProgressBar
-from fedsim.registry import is_import_path, takes_params
+from fedsim.registry import is_import_path, resolve, takes_params
 from fedsim.results import MODEL_FILE, RunRecorder, check_run_folder, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
@@ -74,10 +74,12 @@ def build_task(config: RunConfig) -> TorchTask:
         return data.client_dataset(partition_id)
 
     central = data.central
+    node_data = config.data.load_partition
     return TorchTask(
         model_fn=model_factory(config, central.input_shape, central.num_classes),
         loss_fn=nn.CrossEntropyLoss(),
-        load_partition=load_partition,
+        load_partition=None if node_data else load_partition,
+        load_node_data=node_loader(node_data) if node_data else None,
         device=config.client.device,
         lr=config.client.lr,
         local_epochs=config.client.local_epochs,
@@ -90,6 +92,22 @@ def build_task(config: RunConfig) -> TorchTask:
         if config.client.dp_sgd
         else None,
     )
+
+
+def node_loader(import_path: str) -> Callable[[UserConfig], Dataset]:
+    """Return the ``data.load_partition`` hook, checking what it returns."""
+    hook = resolve("data.load_partition", import_path, {})
+
+    def load_node_data(node_config: UserConfig) -> Dataset:
+        dataset = hook(node_config)
+        if not isinstance(dataset, Dataset) or not hasattr(dataset, "__len__"):
+            raise TypeError(
+                f"data.load_partition = {import_path!r} returned a {type(dataset).__name__}; "
+                "it must return a torch.utils.data.Dataset with a length"
+            )
+        return dataset
+
+    return load_node_data
 
 
 def build_strategy(config: RunConfig) -> Strategy:

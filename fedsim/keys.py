@@ -43,6 +43,7 @@ ACCURACY: Final = "accuracy"
 # --node-config` set them.
 PARTITION_ID: Final = "partition-id"
 NUM_PARTITIONS: Final = "num-partitions"
+DATA_FILE: Final = "data-file"  # a node's own data (fedsim.data.node_files)
 
 # Context.state entries a client keeps across rounds.
 CLIENT_STATE: Final = "fedsim.client"

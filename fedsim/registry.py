@@ -69,6 +69,8 @@ def check_name(key: str, name: str, shipped: Mapping[str, str]) -> None:
     """Refuse a name that is neither shipped nor an import path (cheap: imports nothing)."""
     if name in shipped or is_import_path(name):
         return
+    if not shipped:
+        raise ConfigError(f"{key} = {name!r} is not an import path 'module:attribute'")
     close = difflib.get_close_matches(name, shipped, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(

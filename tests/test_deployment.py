@@ -9,9 +9,10 @@ in float64 whatever order the replies arrive in. SCAFFOLD agrees bit for bit too
 each worker's control variate lives in ``Context.state``, which the SuperNode keeps
 for the run across the fresh ClientApp process of every message.
 
-Secure aggregation is not run here: no run-config key reaches it (it is a wrapper
-strategy, ``fedsim.strategies.SecureAggregation``, whose clients need
-``clients.secagg_mod``; ``fedsim.config`` and ``client_mods`` build neither).
+Apple's stack agrees bit for bit too: secure aggregation's keys are fresh in every
+process, but the unmasked sum is exact in its field, the local privatizer's and the
+central noise's draws are seeded from (seed, round, partition), and a fixed-size
+cohort of every node is the same set whatever the node ids.
 """
 
 import json
@@ -126,6 +127,38 @@ def test_scaffold_across_supernodes_trains_the_inline_engines_model(
     deployed = torch.load(run / "model.pt", weights_only=True)
     inline = _inline_model(tmp_path / "inline-runs", SCAFFOLD)
     assert deployed.keys() == inline.keys()
+    for name, tensor in inline.items():
+        assert torch.equal(deployed[name], tensor), name
+
+
+# Apple's stack from the config (privacy.md): each SuperNode privatizes its update
+# (PrivUnit2 + ScalarDP), clips it and masks it; the SuperLink's ServerApp sees only
+# masked vectors, unmasks the sum, noises it and accounts.
+PRIVATE: dict[str, ConfigValue] = {
+    **SETTINGS,
+    "rounds": 1,
+    "privacy.secure_aggregation": True,
+    "privacy.local_dp": True,
+    "privacy.central_dp": True,
+    "privacy.sampling": "fixed",
+    "privacy.clip_norm": 0.5,
+}
+
+
+@pytest.mark.slow
+def test_secure_aggregation_with_local_and_central_dp_across_supernodes(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    status = federation.run(REPO, {**PRIVATE, "name": "private", "output_dir": str(tmp_path)})
+
+    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
+    run = tmp_path / "private"
+    [_, round_1] = _metrics(run)
+    assert round_1["exchanges"] == 4 and round_1["replies"] == 4 * NODES, round_1
+    assert round_1["train_secagg-survivors"] == NODES and round_1["privacy_epsilon"] > 0
+    assert "train_loss" not in round_1  # no per-client metric left a SuperNode
+    deployed = torch.load(run / "model.pt", weights_only=True)
+    inline = _inline_model(tmp_path / "inline-runs", PRIVATE)
     for name, tensor in inline.items():
         assert torch.equal(deployed[name], tensor), name
 

@@ -43,12 +43,13 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from fedsim.deploy.credentials import KeyPair, write_certificates, write_supernode_keys
+from fedsim.keys import DATA_FILE
 
 CONNECTION = "fedsim-localhost"
 FINISHED = "finished"
@@ -99,6 +100,13 @@ class LocalFederation:
         intra-op threads in each ClientApp.
     grace_s : float
         Seconds between SIGTERM and SIGKILL when stopping a process.
+    node_files : Sequence[Path]
+        Each SuperNode's own data file, ``data-file`` in its ``--node-config``
+        (node ``i`` gets ``node_files[i]``), for runs whose config sets
+        ``data.load_partition = "fedsim.data.node_files:load_partition"``.
+    insecure : bool
+        No TLS and no SuperNode authentication: every byte in clear text, any
+        process that reaches the port can join. Only for a trusted network.
     """
 
     nodes: int
@@ -106,6 +114,8 @@ class LocalFederation:
     keep: bool = False
     torch_threads: int = 1
     grace_s: float = 10.0
+    node_files: Sequence[Path] = ()
+    insecure: bool = False
     started_s: float = field(init=False, default=0.0)
     _processes: list[_Process] = field(init=False, default_factory=list)
     supernodes: list[subprocess.Popen[bytes]] = field(init=False, default_factory=list)
@@ -167,16 +177,21 @@ class LocalFederation:
         root = self._root
         self.logs.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
-        certs = write_certificates(root / "certs", ["127.0.0.1"], days=1)
+        if self.node_files and len(self.node_files) != self.nodes:
+            raise ValueError(f"{len(self.node_files)} node files for {self.nodes} SuperNodes")
         self.keys = write_supernode_keys(root / "keys", self.nodes)
         # Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port
         # (--host/--port); --fleet-api-address and --control-api-address are ignored.
         self.port = free_port()
-        self.ca_cert = certs.ca_cert
+        if self.insecure:
+            security = ["--insecure"]
+        else:
+            certs = write_certificates(root / "certs", ["127.0.0.1"], days=1)
+            self.ca_cert = certs.ca_cert
+            security = [*certs.superlink_args(), "--enable-supernode-auth"]
         self.superlink_command = [
             _tool("flower-superlink"),
-            *certs.superlink_args(),
-            "--enable-supernode-auth",
+            *security,
             "--database", str(root / "state.db"),
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
@@ -185,8 +200,9 @@ class LocalFederation:
         superlink = self._spawn("superlink", self.superlink_command)
         _wait_for_port(self.port, superlink, timeout_s=60)
         self._write_flwr_config()
-        for pair in self.keys:
-            self.register(pair)
+        if not self.insecure:
+            for pair in self.keys:
+                self.register(pair)
         self.supernodes = [
             self.start_supernode(pair, partition_id=i) for i, pair in enumerate(self.keys)
         ]
@@ -198,7 +214,11 @@ class LocalFederation:
             f'default = "{CONNECTION}"\n\n'
             f"[superlink.{CONNECTION}]\n"
             f'address = "127.0.0.1:{self.port}"\n'
-            f"root-certificates = {json.dumps(str(self.ca_cert.resolve()))}\n"
+            + (
+                "insecure = true\n"
+                if self.insecure
+                else f"root-certificates = {json.dumps(str(self.ca_cert.resolve()))}\n"
+            )
         )
 
     def flwr(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -226,12 +246,23 @@ class LocalFederation:
 
     def supernode_command(self, pair: KeyPair, *, partition_id: int) -> list[str]:
         """Return the ``flower-supernode`` command line of ``pair``'s SuperNode."""
+        node_config = f"partition-id={partition_id} num-partitions={self.nodes}"
+        if self.node_files:
+            path = Path(self.node_files[partition_id]).resolve()
+            node_config += f" {DATA_FILE}={_toml_value(str(path))}"
+        security = (
+            ["--insecure"]
+            if self.insecure
+            else [
+                "--root-certificates", str(self.ca_cert),
+                "--auth-supernode-private-key", str(pair.private_key),
+            ]
+        )  # fmt: skip
         return [
             _tool("flower-supernode"),
             "--superlink", f"127.0.0.1:{self.port}",
-            "--root-certificates", str(self.ca_cert),
-            "--auth-supernode-private-key", str(pair.private_key),
-            "--node-config", f"partition-id={partition_id} num-partitions={self.nodes}",
+            *security,
+            "--node-config", node_config,
             "--host", "127.0.0.1",
             "--port", str(free_port()),
         ]  # fmt: skip
