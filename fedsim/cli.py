@@ -10,6 +10,8 @@ the traceback.
 there is refused unless ``--overwrite``. ``fedsim deploy CONFIG --nodes N`` runs
 a config on a real Flower federation on this machine (``fedsim.deploy.localhost``):
 exit 0 when the run completes, 1 otherwise, naming the folder of its logs.
+``fedsim split CONFIG --out DIR`` writes each client's partition to its own file,
+the data of one SuperNode (``fedsim.data.node_files``).
 """
 
 import argparse
@@ -162,12 +164,28 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the run already in the run folder"
     )
     deploy.add_argument(
-        "--insecure", action="store_true", help="without TLS and node authentication (not yet)"
-    )
+        "--node-data", metavar="DIR",
+        help="each SuperNode's own data: DIR/node-<i>.pt or .npz (see fedsim split)",
+    )  # fmt: skip
+    deploy.add_argument(
+        "--insecure", action="store_true",
+        help="no TLS, no SuperNode authentication (a trusted network only; prints a warning)",
+    )  # fmt: skip
     deploy.add_argument(
         "--timeout", type=float, default=3600, metavar="S", help="seconds to wait for the run"
     )
     deploy.set_defaults(handler=_deploy)
+
+    split = commands.add_parser(
+        "split", help="write each client's partition of a config's data to its own file"
+    )
+    split.add_argument("config", help="path to a TOML config, e.g. experiments/configs/demo.toml")
+    split.add_argument("--out", required=True, metavar="DIR", help="folder for node-<i>.pt")
+    split.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, as in fedsim run (repeatable)",
+    )  # fmt: skip
+    split.set_defaults(handler=_split)
     return parser
 
 
@@ -184,6 +202,7 @@ def _certs(args: argparse.Namespace, console: Console) -> int:
     )
     if certs is None:
         return EXIT_BAD_INPUT
+    added = [h for h in LOOPBACK_HOSTS if h not in {given.strip() for given in hosts}]
     first = hosts[0].strip()
     host = f"[{first}]" if ":" in first else first  # an IPv6 address takes brackets before a port
     address = f"{host}:{SUPERLINK_PORT}"
@@ -191,8 +210,9 @@ def _certs(args: argparse.Namespace, console: Console) -> int:
     # --host: the SuperLink listens on 127.0.0.1 unless told otherwise.
     superlink_args = [*certs.superlink_args(), "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT)]
     lines = [
-        f"Wrote a CA and a SuperLink certificate for {', '.join(h.strip() for h in hosts)} "
-        f"(and {', '.join(LOOPBACK_HOSTS)}), valid {args.days} days, to {out}/:",
+        f"Wrote a CA and a SuperLink certificate for {', '.join(h.strip() for h in hosts)}"
+        + (f" (and {', '.join(added)})" if added else "")
+        + f", valid {args.days} days, to {out}/:",
         f"  {certs.ca_cert.name:<10}  CA certificate: copy it to each SuperNode and flwr CLI user",
         f"  {certs.ca_key.name:<10}  CA key (0600): keep it off the machines; it signs new ones",
         f"  {certs.server_cert.name:<10}  SuperLink certificate",
@@ -227,7 +247,8 @@ def _keys(args: argparse.Namespace, console: Console) -> int:
     if pairs is None:
         return EXIT_BAD_INPUT
     lines = [
-        f"Wrote {len(pairs)} SuperNode key pairs (ECDSA P-384, OpenSSH format) to {out}/: "
+        f"Wrote {len(pairs)} SuperNode key pair{'s' if len(pairs) != 1 else ''} "
+        f"(ECDSA P-384, OpenSSH format) to {out}/: "
         "supernode-<i> (private, 0600) and supernode-<i>.pub (public).",
         "Start the SuperLink with TLS (fedsim certs) and --enable-supernode-auth, register each",
         "public key with the flwr CLI (it uses the default SuperLink connection of",
@@ -245,19 +266,24 @@ def _keys(args: argparse.Namespace, console: Console) -> int:
 
 def _deploy(args: argparse.Namespace, console: Console) -> int:
     """``fedsim deploy``: run a config on a TLS SuperLink and ``--nodes`` SuperNodes here."""
-    if args.insecure:
+    if args.nodes < 1:
+        console.print(f"fedsim deploy: --nodes: expected at least 1, got {args.nodes}")
+        return EXIT_BAD_INPUT
+    node_files = _node_files(args.node_data, args.nodes) if args.node_data else []
+    if node_files is None:
         console.print(
-            "fedsim deploy: --insecure: not supported yet (the federation always uses "
-            "TLS and SuperNode authentication)",
+            f"fedsim deploy: --node-data: {args.node_data} lacks a node-<i>.pt or "
+            f".npz for every i < {args.nodes} (fedsim split writes them)",
             highlight=False,
             soft_wrap=True,
         )
         return EXIT_BAD_INPUT
-    if args.nodes < 1:
-        console.print(f"fedsim deploy: --nodes: expected at least 1, got {args.nodes}")
-        return EXIT_BAD_INPUT
+    sets = [*args.set, f"data.num_clients={args.nodes}"]
     try:
-        config = load_config(args.config, [*args.set, f"data.num_clients={args.nodes}"])
+        config = load_config(args.config, sets)
+        if node_files and not config.data.load_partition:
+            hook = "fedsim.data.node_files:load_partition"
+            config = load_config(args.config, [*sets, f"data.load_partition={hook}"])
         from fedsim.results import check_run_folder
 
         check_run_folder(config, resume=False, overwrite=args.overwrite)
@@ -269,13 +295,26 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
 
     run_dir = config.run_dir.resolve()
     app_dir = Path(__file__).resolve().parents[1]  # the repository: its pyproject is the app
+    if args.insecure:
+        print(
+            "fedsim deploy: WARNING --insecure: no TLS and no SuperNode authentication; "
+            "models and updates travel in clear text and any process that reaches the "
+            "port can join as a SuperNode",
+            file=sys.stderr,
+            flush=True,
+        )
     # keep: a failure's logs outlive the federation; a success removes them below.
-    federation = LocalFederation(nodes=args.nodes, keep=True)
+    federation = LocalFederation(
+        nodes=args.nodes, keep=True, node_files=node_files, insecure=args.insecure
+    )
     try:
         with federation:
+            link, nodes = ("a TLS SuperLink", "authenticated")
+            if args.insecure:
+                link, nodes = ("an insecure SuperLink (no TLS)", "unauthenticated")
             print(
-                f"federation up: a TLS SuperLink on 127.0.0.1:{federation.port} and "
-                f"{args.nodes} authenticated SuperNodes ({federation.started_s:.1f} s); "
+                f"federation up: {link} on 127.0.0.1:{federation.port} and "
+                f"{args.nodes} {nodes} SuperNodes ({federation.started_s:.1f} s); "
                 f"logs in {federation.logs}/ (kept if the run fails)",
                 flush=True,
             )
@@ -300,6 +339,43 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
         return EXIT_INTERRUPTED
     shutil.rmtree(federation.logs.parent, ignore_errors=True)
     print(f"results in {run_dir}/")
+    return 0
+
+
+def _node_files(folder: str, nodes: int) -> list[Path] | None:
+    """Return ``folder/node-<i>.pt`` (or ``.npz``) for each node, or None if one is missing."""
+    found = []
+    for i in range(nodes):
+        candidates = [Path(folder) / f"node-{i}{suffix}" for suffix in (".pt", ".npz")]
+        existing = [path for path in candidates if path.is_file()]
+        if not existing:
+            return None
+        found.append(existing[0].resolve())
+    return found
+
+
+def _split(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim split``: write each client's partition of the config's data to a file."""
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as exc:
+        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_BAD_INPUT
+    from fedsim.data.node_files import write_partition_files
+    from fedsim.experiment import federated_data
+
+    data = federated_data(config.data, config.seed)
+    partitions = [data.client_dataset(i) for i in range(data.num_partitions)]
+    paths = write_partition_files(partitions, Path(args.out).expanduser().resolve())
+    sizes = [len(partition) for partition in partitions]
+    print(
+        f"Wrote {len(paths)} files, node-0.pt .. node-{len(paths) - 1}.pt, to "
+        f"{paths[0].parent}/ ({config.data.dataset}, {config.data.partitioner}, seed "
+        f"{config.seed}; {min(sizes)} to {max(sizes)} examples each). Copy node-<i>.pt to "
+        'SuperNode i and start it with --node-config "partition-id=<i> num-partitions='
+        f"{len(paths)} data-file='/path/to/node-<i>.pt'\"; run with data.load_partition = "
+        '"fedsim.data.node_files:load_partition".'
+    )
     return 0
 
 

@@ -12,30 +12,50 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedsim.cli import EXIT_BAD_INPUT, deployed_run_config, main
 from fedsim.config import load_config
+from fedsim.data.node_files import load_partition
+from fedsim.experiment import federated_data
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "configs" / "demo.toml"
-SMALL = ["rounds=2", "model.name=mlp", "strategy.clients_per_round=3", "client.local_epochs=1"]
+SMALL = ["rounds=1", "model.name=mlp", "strategy.clients_per_round=3", "client.local_epochs=1"]
 
 
 @pytest.mark.slow
-def test_deploy_runs_the_demo_on_three_supernodes(tmp_path: Path) -> None:
+def test_deploy_runs_the_demo_on_three_supernodes_reading_their_own_files(tmp_path: Path) -> None:
+    # TLS and authentication are tests/test_deployment.py's; here the command's
+    # --insecure path, which must warn, and --node-data, which fedsim split feeds.
     sets = [arg for setting in SMALL for arg in ("--set", setting)]
-    command = [sys.executable, "-m", "fedsim.cli", "deploy", str(DEMO), "--nodes", "3", *sets]
+    fedsim = [sys.executable, "-m", "fedsim.cli"]
+    split = [
+        *fedsim,
+        "split",
+        str(DEMO),
+        "--out",
+        "node-data",
+        "--set",
+        "data.num_clients=3",
+        *sets,
+    ]
+    assert subprocess.run(split, cwd=tmp_path, capture_output=True, timeout=120).returncode == 0
+    deploy = [*fedsim, "deploy", str(DEMO), "--nodes", "3", "--node-data", "node-data", *sets]
 
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [*deploy, "--insecure"], cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
 
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "federation up" in done.stdout
+    assert "WARNING --insecure: no TLS and no SuperNode authentication" in done.stderr
+    assert "federation up: an insecure SuperLink (no TLS)" in done.stdout
     assert ": finished:completed" in done.stdout
     run = tmp_path / "runs" / "demo"
     assert f"results in {run.resolve()}/" in done.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["engine"] == "flwr-run"
-    assert summary["rounds"] == 2 and summary["failures"] == 0
+    assert summary["rounds"] == 1 and summary["failures"] == 0
 
 
 def test_run_config_holds_the_changed_keys_an_absolute_folder_and_one_client_per_node(
@@ -47,15 +67,34 @@ def test_run_config_holds_the_changed_keys_an_absolute_folder_and_one_client_per
     run_config = deployed_run_config(config)
 
     assert run_config["output_dir"] == str(tmp_path.resolve() / "runs")
-    assert run_config["name"] == "demo" and run_config["rounds"] == 2
+    assert run_config["name"] == "demo" and run_config["rounds"] == 1
     assert run_config["data.num_clients"] == 3 and run_config["model.name"] == "mlp"
     assert "engine.name" not in run_config  # a default stays out
 
 
-def test_insecure_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["deploy", str(DEMO), "--nodes", "3", "--insecure"]) == EXIT_BAD_INPUT
+def test_node_data_missing_a_nodes_file_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "node-0.pt").write_bytes(b"")
+    argv = ["deploy", str(DEMO), "--nodes", "2", "--node-data", str(tmp_path)]
+    assert main(argv) == EXIT_BAD_INPUT
     err = capsys.readouterr().err
-    assert err.startswith("fedsim deploy: --insecure: not supported yet") and err.count("\n") == 1
+    assert err.startswith("fedsim deploy: --node-data:") and err.count("\n") == 1
+
+
+def test_split_writes_each_clients_partition_to_its_own_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = ["--set", "data.num_clients=3", "--set", "strategy.clients_per_round=3"]
+    assert main(["split", str(DEMO), "--out", str(tmp_path), *sets]) == 0
+
+    config = load_config(DEMO, ["data.num_clients=3", "strategy.clients_per_round=3"])
+    data = federated_data(config.data, config.seed)
+    for i in range(3):
+        loaded = load_partition({"partition-id": i, "data-file": str(tmp_path / f"node-{i}.pt")})
+        for mine, theirs in zip(loaded.tensors, data.client_dataset(i).tensors, strict=True):
+            assert torch.equal(mine, theirs)
+    assert "Wrote 3 files" in capsys.readouterr().out
 
 
 def test_a_run_folder_holding_a_run_is_refused_before_any_process_starts(

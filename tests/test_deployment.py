@@ -25,6 +25,8 @@ import pytest
 import torch
 
 from fedsim.cli import main
+from fedsim.config import load_config
+from fedsim.data.node_files import write_partition_files
 from fedsim.deploy.credentials import write_supernode_keys
 from fedsim.deploy.localhost import (
     ConfigValue,
@@ -33,8 +35,10 @@ from fedsim.deploy.localhost import (
     _staged_app,
     _toml_value,
 )
+from fedsim.experiment import federated_data
 
 REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "experiments" / "configs" / "demo.toml"
 NODES = 3
 SETTINGS: dict[str, ConfigValue] = {
     "rounds": 3,
@@ -46,7 +50,15 @@ SETTINGS: dict[str, ConfigValue] = {
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    with LocalFederation(nodes=NODES, root=tmp_path_factory.mktemp("federation")) as federation:
+    # Each SuperNode also gets its own data file: partition i of SETTINGS' split,
+    # which the inline engine computes itself.
+    config = load_config(DEMO, [f"{key}={_toml_value(value)}" for key, value in SETTINGS.items()])
+    data = federated_data(config.data, config.seed)
+    node_files = write_partition_files(
+        [data.client_dataset(i) for i in range(NODES)], tmp_path_factory.mktemp("node-data")
+    )
+    root = tmp_path_factory.mktemp("federation")
+    with LocalFederation(nodes=NODES, root=root, node_files=node_files) as federation:
         yield federation
 
 
@@ -55,7 +67,7 @@ def _inline_model(
 ) -> dict[str, torch.Tensor]:
     sets = [f"{key}={_toml_value(value)}" for key, value in settings.items()]
     sets += ['name="inline"', f"output_dir={json.dumps(str(out))}", "engine.torch_threads=1"]
-    argv = ["run", str(REPO / "experiments" / "configs" / "demo.toml")]
+    argv = ["run", str(DEMO)]
     for setting in sets:
         argv += ["--set", setting]
     assert main(argv) == 0
@@ -63,10 +75,17 @@ def _inline_model(
 
 
 @pytest.mark.slow
-def test_three_authenticated_supernodes_train_the_inline_engines_model(
+def test_three_authenticated_supernodes_train_on_their_own_files_as_the_inline_engine_does(
     federation: LocalFederation, tmp_path: Path
 ) -> None:
-    run_config = {**SETTINGS, "name": "deployed", "output_dir": str(tmp_path)}
+    # Each SuperNode reads its data-file (fedsim.data.node_files); none partitions the
+    # dataset. The server still loads data.dataset, for its test split.
+    run_config = {
+        **SETTINGS,
+        "data.load_partition": "fedsim.data.node_files:load_partition",
+        "name": "deployed",
+        "output_dir": str(tmp_path),
+    }
 
     status = federation.run(REPO, run_config, timeout_s=600)
 
