@@ -8,8 +8,9 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedsim.app import client_app as deployed_client_app
 from fedsim.cli import main
-from fedsim.config import parse_config
+from fedsim.config import flatten, load_config, parse_config
 from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, initial_arrays, run_on_grid
 from tests.conftest import DEMO_CONFIG as DEMO
@@ -117,15 +118,25 @@ def test_an_offline_real_dataset_fails_in_one_line(tmp_path: Path) -> None:
 
 # Paper-scale configs that download their data run offline, shrunk, in their own tests.
 ELSEWHERE = {"gswgan-mnist": "tests/test_gs_wgan.py, on generated 28x28 images"}
+# What makes a config's run long without changing what its rounds exercise.
+SHORTER = {
+    "gswgan-digits": (
+        "strategy.params.iterations_per_round=5",
+        "strategy.params.warm_start_steps=2",
+        "strategy.params.evaluate_samples_per_class=10",
+        "strategy.params.evaluate_classifier_epochs=2",
+    ),
+}
 CONFIGS = [
-    (path, ())
+    (path, SHORTER.get(path.stem, ()))
     for path in sorted(Path("experiments/configs").glob("*.toml"))
     if path.stem not in ELSEWHERE
 ]
-PRIVATE = {  # the demo under each privacy mechanism that draws noise on clients or server
+PRIVATE = {  # the demo under each privacy mechanism that draws noise or masks on clients or server
     "dp-sgd": ("client.dp_sgd=true",),
     "local-dp": ("privacy.local_dp=true",),
     "central-dp": ("privacy.central_dp=true", "privacy.noise_multiplier=0.5"),
+    "secure-aggregation": ("privacy.secure_aggregation=true", "privacy.local_dp=true"),
 }
 
 
@@ -134,10 +145,12 @@ PRIVATE = {  # the demo under each privacy mechanism that draws noise on clients
     CONFIGS + [(Path(DEMO), extra) for extra in PRIVATE.values()],
     ids=[path.stem for path, _ in CONFIGS] + [f"demo-{name}" for name in PRIVATE],
 )
-def test_every_shipped_config_runs_bit_identically_inline_and_on_threads(
+def test_every_shipped_config_runs_bit_identically_inline_on_threads_and_in_flwr_apps(
     config: Path, extra: tuple[str, ...], tmp_path: Path, one_torch_thread: None
 ) -> None:
     # The threads engine's workers run torch on one thread, so the inline run does too.
+    # "flwr-app" is the ClientApp that `flwr run` deploys (fedsim.app:client_app, its
+    # config read from each message's run config) on the inline transport.
     overrides = [
         *extra,
         "rounds=2",
@@ -160,9 +173,16 @@ def test_every_shipped_config_runs_bit_identically_inline_and_on_threads(
         assert summary["engine"] == engine
         models[engine] = torch.load(tmp_path / engine / "model.pt")
     assert summary["workers"] == 2
-    inline, threads = models["inline"], models["threads"]
-    differ = [k for k in inline if not torch.equal(inline[k], threads[k])]
-    assert not differ, differ
+    flwr_config = load_config(config, [*overrides, "name=flwr-app"])
+    with InlineGrid(
+        deployed_client_app, num_nodes=flwr_config.data.num_clients, run_config=flatten(flwr_config)
+    ) as grid:
+        run_on_grid(flwr_config, grid, engine="flwr-app")
+    models["flwr-app"] = torch.load(tmp_path / "flwr-app" / "model.pt")
+    inline = models["inline"]
+    for system in ("threads", "flwr-app"):
+        differ = [k for k in inline if not torch.equal(inline[k], models[system][k])]
+        assert not differ, (system, differ)
 
 
 @pytest.mark.slow

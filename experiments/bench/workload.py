@@ -21,9 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from flwr.app import UserConfig
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from fedsim import keys
+from fedsim.data.datasets import CentralDataset
 from fedsim.models import cnn
 from fedsim.seeding import SERVER_NODE, derive_seed, numpy_rng, torch_generator
 
@@ -79,6 +82,29 @@ def client_dataset(partition_id: int, num_partitions: int = 0) -> TensorDataset:
     """Client data as ``fedsim.clients.TorchTask.load_partition`` takes it."""
     del num_partitions  # a client's data depends on its id alone
     return TensorDataset(*client_tensors(partition_id))
+
+
+def node_data(node_config: UserConfig) -> TensorDataset:
+    """W1 client data as a ``data.load_partition`` hook: made from the node's partition id."""
+    return client_dataset(int(node_config[keys.PARTITION_ID]))
+
+
+def central_data(num_clients: int = 20) -> CentralDataset:
+    """W1's shapes as a ``data.dataset`` loader, for a config run of W1 (a deployment).
+
+    The clients' data comes from :func:`node_data`; this gives the server the input
+    shape, the classes and a 64-sample test split, and a train split of
+    ``num_clients`` clients' worth that the config's partitioner splits unused.
+    """
+    train = [client_tensors(client) for client in range(num_clients)]
+    test_x, test_y = client_tensors(10**6)
+    return CentralDataset(
+        train_x=torch.cat([x for x, _ in train]),
+        train_y=torch.cat([y for _, y in train]),
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=NUM_CLASSES,
+    )
 
 
 def seeded_init(model_fn: Callable[[], nn.Module], seed: int) -> dict[str, Tensor]:

@@ -1,0 +1,178 @@
+"""W1a on a real localhost deployment against fedsim's inline engine: what a deployment costs.
+
+::
+
+    python experiments/bench/deployment.py                 # 3 repeats, 20 SuperNodes, 5 rounds
+    python experiments/bench/deployment.py --repeats 1 --rounds 2 --nodes 5   # a quick look
+
+W1a's round (``experiments.bench.workload``): FedAvg, the 105,866-parameter CNN,
+20 clients of 64 synthetic samples, one local epoch of SGD (batch 32, lr 0.05).
+A SuperNode is one client, so the deployed population is the cohort: ``--nodes``
+SuperNodes (20), all of them in every round; W1a samples its 20 from 100, which
+changes which clients train, not how much work a round is. Both systems run the
+same fedsim config (the clients' data from ``workload.node_data`` through
+``data.load_partition``), so they train the same model on the same data.
+
+*deployed* is ``fedsim.deploy.localhost.LocalFederation``: a TLS SuperLink with
+SuperNode authentication, ``--nodes`` SuperNode processes, the run submitted with
+``flwr run``. Each ClientApp call is a fresh ``flwr-clientapp`` process (one torch
+thread) that imports torch and fedsim before it trains. *inline* is ``fedsim run``'s
+default engine in this process.
+
+Reported, per system: start-up (deployed: the federation up, i.e. certificates,
+keys, SuperLink, registrations and SuperNodes started; both: from submitting the
+run to its first round, what is not a round of the run's wall time) and seconds
+per round (the ServerApp's ``round_s`` in ``metrics.jsonl``, rounds 1..R). The
+ratio deployed/inline of the median round is given per repeat, and the median of
+those with a distribution-free interval. Repeats alternate inline and deployed.
+No target: the point is to know the cost.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from experiments.bench.report import median_interval  # noqa: E402
+from fedsim.config import parse_config, unflatten  # noqa: E402
+from fedsim.deploy.localhost import ConfigValue, LocalFederation  # noqa: E402
+from fedsim.runner import run_experiment  # noqa: E402
+
+
+def settings(nodes: int, rounds: int) -> dict[str, ConfigValue]:
+    """Return W1a's round as a fedsim run config (flat keys)."""
+    return {
+        "seed": 0,
+        "rounds": rounds,
+        "data.dataset": "experiments.bench.workload:central_data",
+        "data.partitioner": "iid",
+        "data.num_clients": nodes,
+        "data.load_partition": "experiments.bench.workload:node_data",
+        "model.name": "cnn",
+        "client.lr": 0.05,
+        "client.local_epochs": 1,
+        "client.batch_size": 32,
+        "strategy.name": "fedavg",
+        "strategy.clients_per_round": nodes,
+        "checkpoint_every": 0,
+        "plot": False,
+        "progress": False,
+    }
+
+
+def run_inline(flat: dict[str, ConfigValue], out: Path) -> dict[str, Any]:
+    """Run the config on the inline engine; return its timings."""
+    config = parse_config(unflatten({**flat, "name": "inline", "output_dir": str(out)}))
+    begin = time.perf_counter()
+    run_experiment(config, overwrite=True)
+    wall = time.perf_counter() - begin
+    return _timings(out / "inline", wall, up_s=0.0)
+
+
+def run_deployed(flat: dict[str, ConfigValue], out: Path, nodes: int) -> dict[str, Any]:
+    """Start a federation, run the config with flwr run; return its timings."""
+    with LocalFederation(nodes=nodes, root=out / "federation") as federation:
+        begin = time.perf_counter()
+        status = federation.run(REPO, {**flat, "name": "deployed", "output_dir": str(out)})
+        wall = time.perf_counter() - begin
+        if status != "finished:completed":
+            raise RuntimeError(f"the deployed run ended {status}; logs in {federation.logs}")
+        return _timings(out / "deployed", wall, up_s=federation.started_s)
+
+
+def _timings(run: Path, wall_s: float, *, up_s: float) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [row["round_s"] for row in rows if row["round"] >= 1]
+    return {
+        "up_s": up_s,
+        "to_first_round_s": wall_s - sum(rounds),
+        "round_s": rounds,
+        "model": torch.load(run / "model.pt", weights_only=True),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the repeats and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=20, help="SuperNodes = clients (20)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    # The ServerApp and ClientApps import the hooks from experiments.bench.workload.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])
+    )
+    flat = settings(args.nodes, args.rounds)
+    runs: dict[str, list[dict[str, Any]]] = {"inline": [], "deployed": []}
+    with tempfile.TemporaryDirectory(prefix="fedsim-bench-deploy-") as tmp:
+        for repeat in range(args.repeats):
+            out = Path(tmp) / str(repeat)
+            runs["inline"].append(run_inline(flat, out))
+            runs["deployed"].append(run_deployed(flat, out, args.nodes))
+            print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    report = _report(runs, args)
+    print(report["text"])
+    if args.json:
+        args.json.write_text(json.dumps({k: v for k, v in report.items() if k != "text"}, indent=2))
+    return 0
+
+
+def _report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+    lines = [
+        f"W1a round on {args.nodes} clients, {args.rounds} rounds x {args.repeats} repeats "
+        f"({os.cpu_count()} cores)",
+        f"{'system':<10} {'up s':>6} {'to round 1 s':>13} {'round s median':>15} "
+        f"{'round s range':>16}",
+    ]
+    numbers: dict[str, Any] = {}
+    for system, results in runs.items():
+        rounds = [r for result in results for r in result["round_s"]]
+        up = statistics.median(result["up_s"] for result in results)
+        first = statistics.median(result["to_first_round_s"] for result in results)
+        numbers[system] = {"up_s": up, "to_first_round_s": first, "round_s": rounds}
+        lines.append(
+            f"{system:<10} {up:>6.1f} {first:>13.1f} {statistics.median(rounds):>15.3f} "
+            f"{min(rounds):>7.3f}-{max(rounds):<8.3f}"
+        )
+    ratios = [
+        statistics.median(d["round_s"]) / statistics.median(i["round_s"])
+        for d, i in zip(runs["deployed"], runs["inline"], strict=True)
+    ]
+    interval = median_interval(ratios)
+    spread = (
+        f", interval {interval[0]:.1f}-{interval[1]:.1f} ({interval[2]:.0%})" if interval else ""
+    )
+    lines.append(f"deployed/inline, time per round: {statistics.median(ratios):.1f}x{spread}")
+    start_ratio = [
+        (d["up_s"] + d["to_first_round_s"]) / i["to_first_round_s"]
+        for d, i in zip(runs["deployed"], runs["inline"], strict=True)
+    ]
+    lines.append(f"deployed/inline, time to the first round: {statistics.median(start_ratio):.1f}x")
+    gaps = [
+        max((d["model"][k] - i["model"][k]).abs().max().item() for k in i["model"])
+        for d, i in zip(runs["deployed"], runs["inline"], strict=True)
+    ]
+    lines.append(
+        f"largest weight difference, deployed vs inline: {max(gaps):.2e} (inline uses every "
+        "core's torch threads, each ClientApp one: float sums in another order)"
+    )
+    numbers["ratio_round"] = ratios
+    numbers["ratio_start"] = start_ratio
+    numbers["weight_gap"] = gaps
+    return {"text": "\n".join(lines), **numbers}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
