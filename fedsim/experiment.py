@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, UserConfig
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from fedsim import keys
 from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod, HoldsServerModel
@@ -25,7 +25,8 @@ from fedsim.clients.training import evaluate
 from fedsim.composition import model_factory, plugin_dataset, plugin_strategy
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
-from fedsim.data.federated import partitioned
+from fedsim.data.datasets import CentralDataset
+from fedsim.data.federated import load_central, partitioned
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.progress import ProgressBar
 from fedsim.registry import is_import_path, resolve, takes_params
@@ -61,11 +62,27 @@ def federated_data(data: DataConfig, seed: int) -> FederatedData:
     )
 
 
+@lru_cache(maxsize=2)
+def central_dataset(data: DataConfig, seed: int) -> CentralDataset:
+    """Load the config's central dataset; partition it only if the clients need that.
+
+    Nodes that bring their own data (``data.load_partition``) need from it only the
+    input shape and classes, and the server its test split: partitioning would
+    import flwr-datasets (about 3 s of CPU in every ClientApp process of a
+    deployment) for nothing.
+    """
+    if not data.load_partition or data.dataset == "synthetic":
+        return federated_data(data, seed).central
+    if is_import_path(data.dataset):
+        return plugin_dataset(data, seed)
+    return load_central(data.dataset, seed=seed, test_fraction=data.test_fraction)
+
+
 def build_task(config: RunConfig) -> TorchTask:
     """Build the client-side task of a config: model, loss, partitions, hyperparameters."""
-    data = federated_data(config.data, config.seed)
 
     def load_partition(partition_id: int, num_partitions: int) -> Dataset:
+        data = federated_data(config.data, config.seed)
         if num_partitions != data.num_partitions:
             raise ValueError(
                 f"the federation has {num_partitions} nodes but data.num_clients = "
@@ -73,7 +90,7 @@ def build_task(config: RunConfig) -> TorchTask:
             )
         return data.client_dataset(partition_id)
 
-    central = data.central
+    central = central_dataset(config.data, config.seed)
     node_data = config.data.load_partition
     return TorchTask(
         model_fn=model_factory(config, central.input_shape, central.num_classes),
@@ -188,7 +205,7 @@ def _base_strategy(config: RunConfig) -> Strategy:
         "min_available_nodes": max(train, evaluate_),
     }
     if takes_params(strategy.name):
-        central = federated_data(config.data, config.seed).central
+        central = central_dataset(config.data, config.seed)
         shape = {"input_shape": central.input_shape, "num_classes": central.num_classes}
         return cast(Strategy, plugin_strategy(config, {**cohorts, **shape}))
     if strategy.name == "fedavg":
@@ -290,13 +307,13 @@ def run_on_grid(
     resume_after = check_run_folder(config, resume=resume, overwrite=overwrite)
     task = build_task(config)
     strategy = build_strategy(config)
-    data = federated_data(config.data, config.seed)
+    central = central_dataset(config.data, config.seed)
     if isinstance(strategy, HoldsServerModel):  # GS-WGAN: the global model is the server's
         first_arrays = strategy.initial_arrays()
-        evaluate_fn = strategy.central_evaluator(data.central.test_x, data.central.test_y)
+        evaluate_fn = strategy.central_evaluator(central.test_x, central.test_y)
     else:
         first_arrays = initial_arrays(task, config.seed)
-        evaluate_fn = central_evaluator(task, data.test_dataset())
+        evaluate_fn = central_evaluator(task, TensorDataset(central.test_x, central.test_y))
     grid = with_devices(config.devices, grid, seed=config.seed)
     checkpoint = checkpoint_of(config, resume=resume)
     recorder = RunRecorder(config, resume_after=resume_after)

@@ -31,11 +31,11 @@ from fedsim.deploy.credentials import write_supernode_keys
 from fedsim.deploy.localhost import (
     ConfigValue,
     LocalFederation,
-    _descendants,
     _staged_app,
     _toml_value,
 )
 from fedsim.experiment import federated_data
+from fedsim.processes import process_tree
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "configs" / "demo.toml"
@@ -256,13 +256,19 @@ def test_stopping_kills_each_process_group_even_when_it_ignores_sigterm(tmp_path
     federation.logs.mkdir(parents=True)
     # A shell that ignores SIGTERM, with a child in its group.
     stubborn = federation._spawn("stubborn", ["sh", "-c", "trap '' TERM; sleep 60 & wait"])
-    time.sleep(0.3)
-    [child] = _descendants(stubborn.pid)
+    deadline = time.monotonic() + 10
+    while not (children := process_tree(stubborn.pid) - {stubborn.pid}):
+        assert time.monotonic() < deadline, "the shell started no child"
+        time.sleep(0.05)
+    [child] = children
 
     federation._stop()
 
     assert stubborn.poll() == -signal.SIGKILL
-    assert _gone(child)
+    deadline = time.monotonic() + 5  # a SIGKILL is delivered, not awaited: allow it to land
+    while not _gone(child):
+        assert time.monotonic() < deadline, f"{child} still runs"
+        time.sleep(0.05)
 
 
 def _gone(pid: int) -> bool:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from experiments.bench.measure import process_tree
+from fedsim.processes import process_tree
 from tests.conftest import run_cli
 
 START_TIMEOUT_S = 120

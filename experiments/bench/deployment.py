@@ -14,9 +14,10 @@ same fedsim config (the clients' data from ``workload.node_data`` through
 ``data.load_partition``), so they train the same model on the same data.
 
 *deployed* is ``fedsim.deploy.localhost.LocalFederation``: a TLS SuperLink with
-SuperNode authentication, ``--nodes`` SuperNode processes, the run submitted with
-``flwr run``. Each ClientApp call is a fresh ``flwr-clientapp`` process (one torch
-thread) that imports torch and fedsim before it trains. *inline* is ``fedsim run``'s
+SuperNode authentication and its state in memory, ``--nodes`` SuperNode processes,
+the run submitted with ``flwr run``. Each ClientApp call is a fresh
+``flwr-clientapp`` process (one torch thread) that imports torch and fedsim before
+it trains. *inline* is ``fedsim run``'s
 default engine in this process.
 
 Reported, per system: start-up (deployed: the federation up, i.e. certificates,
@@ -31,6 +32,7 @@ No target: the point is to know the cost.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -80,15 +82,25 @@ def run_inline(flat: dict[str, ConfigValue], out: Path) -> dict[str, Any]:
     return _timings(out / "inline", wall, up_s=0.0)
 
 
-def run_deployed(flat: dict[str, ConfigValue], out: Path, nodes: int) -> dict[str, Any]:
-    """Start a federation, run the config with flwr run; return its timings."""
-    with LocalFederation(nodes=nodes, root=out / "federation") as federation:
+def run_deployed(
+    flat: dict[str, ConfigValue], out: Path, nodes: int, *, timeout_s: float
+) -> dict[str, Any]:
+    """Start a federation, run the config with flwr run; return its timings.
+
+    A failed run's logs are kept in a folder of their own, named in the error.
+    """
+    # In-memory state: Flower 1.41's SQLite state lost replies to lock timeouts with
+    # 20 SuperNodes on two cores (see LocalFederation.database); no restart here.
+    federation = LocalFederation(nodes=nodes, keep=True, database=False)
+    with federation:
         begin = time.perf_counter()
-        status = federation.run(REPO, {**flat, "name": "deployed", "output_dir": str(out)})
+        run_config = {**flat, "name": "deployed", "output_dir": str(out)}
+        status = federation.run(REPO, run_config, timeout_s=timeout_s)
         wall = time.perf_counter() - begin
-        if status != "finished:completed":
-            raise RuntimeError(f"the deployed run ended {status}; logs in {federation.logs}")
-        return _timings(out / "deployed", wall, up_s=federation.started_s)
+    if status != "finished:completed":
+        raise RuntimeError(f"the deployed run ended {status}; logs in {federation.logs}")
+    shutil.rmtree(federation.logs.parent, ignore_errors=True)
+    return _timings(out / "deployed", wall, up_s=federation.started_s)
 
 
 def _timings(run: Path, wall_s: float, *, up_s: float) -> dict[str, Any]:
@@ -109,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument(
+        "--timeout", type=float, default=3600, help="seconds one deployed run may take"
+    )
     args = parser.parse_args(argv)
     # The ServerApp and ClientApps import the hooks from experiments.bench.workload.
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -120,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             out = Path(tmp) / str(repeat)
             runs["inline"].append(run_inline(flat, out))
-            runs["deployed"].append(run_deployed(flat, out, args.nodes))
+            runs["deployed"].append(run_deployed(flat, out, args.nodes, timeout_s=args.timeout))
             print(f"repeat {repeat + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     report = _report(runs, args)
     print(report["text"])

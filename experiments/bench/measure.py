@@ -22,46 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsim.processes import process_table, process_tree
+
 REPO = Path(__file__).resolve().parents[2]
 ENTRY = Path(__file__).resolve().with_name("engines.py")  # what spawn runs, with --run
 RESULT, SKIPPED = "BENCH_RESULT ", "BENCH_SKIPPED "
 SAMPLE_S = 0.05
 REFRESH_EVERY = 5  # samples between listings of /proc (each costs about 1 ms)
 CHILD_TIMEOUT_S = 600
-
-
-def _process_table() -> dict[int, tuple[int, int]]:
-    """Map every pid to its (parent pid, session id), from ``/proc/<pid>/stat``."""
-    table = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                    raw = stat.read()
-            except OSError:  # the process ended meanwhile
-                continue
-            fields = raw[raw.rfind(b")") + 2 :].split()  # after "(comm)": state ppid pgrp sid
-            table[int(entry.name)] = (int(fields[1]), int(fields[3]))
-    return table
-
-
-def process_tree(root: int) -> set[int]:
-    """Return ``root``, its descendants, and any process left in its session.
-
-    Children start in a session of their own, so a Ray daemon that outlives its
-    parent (and is re-parented to init) still counts.
-    """
-    table = _process_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    tree, stack = set(), [root]
-    while stack:
-        pid = stack.pop()
-        if pid not in tree:
-            tree.add(pid)
-            stack.extend(children.get(pid, ()))
-    return tree | {pid for pid, (_, session) in table.items() if session == root}
 
 
 def rss_bytes(pids: set[int]) -> int:
@@ -131,7 +99,7 @@ def spawn(child_args: Sequence[str], *, env_extra: dict[str, str] | None = None)
 def _end_leftovers(session: int, grace_s: float = 5.0) -> None:
     """Stop, by pid, processes a finished child left in its session (Ray daemons)."""
     deadline = time.monotonic() + grace_s
-    while left := [pid for pid, (_, sid) in _process_table().items() if sid == session]:
+    while left := [pid for pid, (_, sid) in process_table().items() if sid == session]:
         if time.monotonic() > deadline:
             for pid in left:
                 try:

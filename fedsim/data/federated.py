@@ -146,12 +146,8 @@ def build_federated_data(
             test_fraction=test_fraction,
         )
         return FederatedData(central=central, partitions=tuple(natural))
-    if dataset == "digits":
-        central = load_digits(test_fraction=test_fraction, seed=seed)
-    else:
-        central = load_flwr_dataset(dataset, seed=seed)
     return partitioned(
-        central,
+        load_central(dataset, seed=seed, test_fraction=test_fraction),
         partitioner=partitioner,
         num_clients=num_clients,
         seed=seed,
@@ -159,6 +155,17 @@ def build_federated_data(
         shards_per_client=shards_per_client,
         q=q,
     )
+
+
+def load_central(dataset: str, *, seed: int, test_fraction: float = 0.2) -> CentralDataset:
+    """Load a shipped dataset other than ``"synthetic"``, unpartitioned.
+
+    ``seed`` and ``test_fraction`` split the digits (the Hub datasets keep their
+    own test split); see :func:`build_federated_data`.
+    """
+    if dataset == "digits":
+        return load_digits(test_fraction=test_fraction, seed=seed)
+    return load_flwr_dataset(dataset, seed=seed)
 
 
 def partitioned(

@@ -50,6 +50,7 @@ from types import TracebackType
 
 from fedsim.deploy.credentials import KeyPair, write_certificates, write_supernode_keys
 from fedsim.keys import DATA_FILE
+from fedsim.processes import kill_if_alive, process_tree, signal_group
 
 CONNECTION = "fedsim-localhost"
 FINISHED = "finished"
@@ -107,6 +108,11 @@ class LocalFederation:
     insecure : bool
         No TLS and no SuperNode authentication: every byte in clear text, any
         process that reaches the port can join. Only for a trusted network.
+    database : bool
+        Keep the SuperLink's state in SQLite (``--database``), so registrations
+        survive a restart. False keeps it in memory: Flower 1.41's SQLite state,
+        starved of CPU by 20 SuperNodes and their ClientApps on two cores,
+        answered replies with "database is locked" (HTTP 500) and lost them.
     """
 
     nodes: int
@@ -116,6 +122,7 @@ class LocalFederation:
     grace_s: float = 10.0
     node_files: Sequence[Path] = ()
     insecure: bool = False
+    database: bool = True
     started_s: float = field(init=False, default=0.0)
     _processes: list[_Process] = field(init=False, default_factory=list)
     supernodes: list[subprocess.Popen[bytes]] = field(init=False, default_factory=list)
@@ -192,7 +199,7 @@ class LocalFederation:
         self.superlink_command = [
             _tool("flower-superlink"),
             *security,
-            "--database", str(root / "state.db"),
+            *(["--database", str(root / "state.db")] if self.database else []),
             "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1",
             "--port", str(self.port),
@@ -382,8 +389,8 @@ class LocalFederation:
         (Flower 1.41: ``HEARTBEAT_PATIENCE`` 2 x 30 s).
         """
         popen = self.supernodes[i]
-        descendants = _descendants(popen.pid)
-        _signal_group(popen, sig)
+        descendants = process_tree(popen.pid) - {popen.pid}
+        signal_group(popen.pid, sig)
         for pid in descendants:
             try:
                 os.kill(pid, sig)
@@ -409,9 +416,12 @@ class LocalFederation:
         Flower starts its SuperExec in a session of its own (they exit when their
         parent does): their PIDs are noted before the SIGTERM and killed if left.
         """
-        spawned = {pid for p in self._processes for pid in _descendants(p.popen.pid)}
+        # Not the roots themselves: once reaped below, their PIDs may be reused.
+        spawned = {
+            pid for p in self._processes for pid in process_tree(p.popen.pid) - {p.popen.pid}
+        }
         for process in reversed(self._processes):
-            _signal_group(process.popen, signal.SIGTERM)
+            signal_group(process.popen.pid, signal.SIGTERM)
         deadline = time.monotonic() + self.grace_s
         for process in reversed(self._processes):
             try:
@@ -419,48 +429,14 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 pass
             # Its group may still hold app processes: make sure nothing is left.
-            _signal_group(process.popen, signal.SIGKILL)
+            signal_group(process.popen.pid, signal.SIGKILL)
             if process.popen.poll() is None:
                 process.popen.wait()
         for pid in spawned:
-            _kill_if_alive(pid)
+            kill_if_alive(pid)
         self._processes.clear()
         if self._temporary and not self.keep and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    # start_new_session made the child the leader of a group whose id is its PID.
-    try:
-        os.killpg(popen.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _descendants(pid: int) -> set[int]:
-    """Return the PIDs of ``pid``'s living descendants (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _kill_if_alive(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], *, timeout_s: float) -> None:
