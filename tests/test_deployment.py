@@ -29,6 +29,7 @@ from fedsim.config import load_config
 from fedsim.data.node_files import write_partition_files
 from fedsim.deploy.credentials import write_supernode_keys
 from fedsim.deploy.localhost import (
+    CONNECTION,
     ConfigValue,
     LocalFederation,
     _staged_app,
@@ -150,6 +151,43 @@ def test_scaffold_across_supernodes_trains_the_inline_engines_model(
         assert torch.equal(deployed[name], tensor), name
 
 
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_a_counted_failure_and_rejoins_with_its_key(
+    federation: LocalFederation, tmp_path: Path
+) -> None:
+    # Flower 1.41: a SIGKILLed SuperNode sends no more heartbeats (every 30 s); the
+    # SuperLink counts it online for two of them, then answers each message still
+    # addressed to it with a NODE_UNAVAILABLE error reply, which the ServerApp's
+    # Grid pulls like any reply. The round ends about a minute after the kill.
+    victim = NODES - 1
+    log = federation.logs / f"{federation.keys[victim].name}.log"
+    run_id = federation.submit(REPO, {**SETTINGS, "rounds": 1, "name": "killed",
+                                      "output_dir": str(tmp_path)})  # fmt: skip
+    _wait_for_text(log, f"[RUN {run_id}]", timeout_s=180)  # the victim has its message
+
+    federation.kill_supernode(victim)
+    status = federation.wait(run_id, timeout_s=300)
+
+    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
+    [_, killed] = _metrics(tmp_path / "killed")
+    assert killed["replies"] == NODES and killed["failures"] == 1, killed
+    assert "Node Unavailable" in (federation.logs / f"run-{run_id}.log").read_text()
+
+    # The same key is admitted again, now that the SuperLink counts the node offline.
+    superlink_log = federation.logs / "superlink.log"
+    before = superlink_log.stat().st_size
+    activations = log.read_text().count("SuperNode ID")
+    federation.restart_supernode(victim)
+    _wait_for_text(log, "SuperNode ID", timeout_s=60, after=activations)
+    listed = federation.flwr("supernode", "list", CONNECTION, "--format", "json")
+
+    assert "No SuperNode found" not in superlink_log.read_text()[before:]
+    statuses = [node["status"] for node in json.loads(listed.stdout)["nodes"]]
+    assert statuses.count("online") == NODES, listed.stdout
+    assert federation.supernodes[victim].poll() is None
+    # It trains again in the next test: secure aggregation needs every node's four replies.
+
+
 # Apple's stack from the config (privacy.md): each SuperNode privatizes its update
 # (PrivUnit2 + ScalarDP), clips it and masks it; the SuperLink's ServerApp sees only
 # masked vectors, unmasks the sum, noises it and accounts.
@@ -180,44 +218,6 @@ def test_secure_aggregation_with_local_and_central_dp_across_supernodes(
     inline = _inline_model(tmp_path / "inline-runs", PRIVATE)
     for name, tensor in inline.items():
         assert torch.equal(deployed[name], tensor), name
-
-
-@pytest.mark.slow
-def test_a_supernode_killed_mid_round_is_a_counted_failure_and_rejoins_with_its_key(
-    federation: LocalFederation, tmp_path: Path
-) -> None:
-    # Flower 1.41: a SIGKILLed SuperNode sends no more heartbeats (every 30 s); the
-    # SuperLink counts it online for two of them, then answers each message still
-    # addressed to it with a NODE_UNAVAILABLE error reply, which the ServerApp's
-    # Grid pulls like any reply. The round ends about a minute after the kill.
-    victim = NODES - 1
-    log = federation.logs / f"{federation.keys[victim].name}.log"
-    run_id = federation.submit(REPO, {**SETTINGS, "rounds": 1, "name": "killed",
-                                      "output_dir": str(tmp_path)})  # fmt: skip
-    _wait_for_text(log, f"[RUN {run_id}]", timeout_s=180)  # the victim has its message
-
-    federation.kill_supernode(victim)
-    status = federation.wait(run_id, timeout_s=300)
-
-    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
-    [_, killed] = _metrics(tmp_path / "killed")
-    assert killed["replies"] == NODES and killed["failures"] == 1, killed
-    assert "Node Unavailable" in (federation.logs / f"run-{run_id}.log").read_text()
-
-    # The same key is admitted again, now that the SuperLink counts the node offline.
-    superlink_log = federation.logs / "superlink.log"
-    before = superlink_log.stat().st_size
-    activations = log.read_text().count("SuperNode ID")
-    federation.restart_supernode(victim)
-    _wait_for_text(log, "SuperNode ID", timeout_s=60, after=activations)
-    status = federation.run(REPO, {**SETTINGS, "rounds": 1, "name": "rejoined",
-                                   "output_dir": str(tmp_path)})  # fmt: skip
-
-    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
-    assert "No SuperNode found" not in superlink_log.read_text()[before:]
-    [_, rejoined] = _metrics(tmp_path / "rejoined")
-    assert rejoined["replies"] == NODES and rejoined["failures"] == 0, rejoined
-    assert federation.supernodes[victim].poll() is None
 
 
 def _metrics(run: Path) -> list[dict[str, float]]:
