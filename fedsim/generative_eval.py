@@ -35,13 +35,16 @@ Everything runs on the CPU. Randomness (initialization, shuffles) comes from a s
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from flwr.app import ArrayRecord, MetricRecord
 from torch import Tensor, nn
 
 from fedsim.models import cnn
@@ -359,6 +362,35 @@ def sample_quality(
         ),
     )
     return quality, reference
+
+
+def frechet_evaluator(
+    sample: Callable[[ArrayRecord, Tensor], Tensor],
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    *,
+    samples_per_class: int,
+    epochs: int,
+    seed: int,
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """Return a central evaluator: the Fréchet distance of a generator's samples to the test split.
+
+    ``sample(arrays, labels)`` generates one image per label from the run's arrays;
+    ``samples_per_class`` of each class are compared, in the features of a classifier
+    trained on ``(test_x, test_y)`` once, on first use, for ``epochs``.
+    """
+    labels = torch.arange(num_classes).repeat_interleave(samples_per_class)
+    reference: dict[str, Any] = {}  # the classifier and the test split's features, once
+
+    def evaluate_fn(_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if not reference:
+            classifier = train_classifier(test_x, test_y, num_classes, epochs=epochs, seed=seed)
+            reference.update(classifier=classifier, test=features(classifier, test_x))
+        generated = features(reference["classifier"], sample(arrays, labels))
+        return MetricRecord({"frechet_distance": frechet_distance(generated, reference["test"])})
+
+    return evaluate_fn
 
 
 def _labelled(x: Tensor, y: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -483,29 +483,18 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
         """Return the Fréchet distance of EMA samples to the test split, per evaluation.
 
         The features are those of a classifier trained on the server's test split
-        (``fedsim.generative_eval``), not Inception's: the number is comparable
-        across runs of one dataset, not with published FIDs.
+        (:func:`fedsim.generative_eval.frechet_evaluator`), not Inception's: the number
+        is comparable across runs of one dataset, not with published FIDs.
         """
         if not self.evaluate_samples_per_class:
             return None
-        from fedsim.generative_eval import features, frechet_distance, train_classifier
+        from fedsim.generative_eval import frechet_evaluator
 
-        labels = torch.arange(self.num_classes).repeat_interleave(self.evaluate_samples_per_class)
-        reference: dict[str, Any] = {}  # the classifier and the test split's features, once
-
-        def evaluate_fn(_round: int, arrays: ArrayRecord) -> MetricRecord:
-            if not reference:
-                classifier = train_classifier(
-                    test_x, test_y, self.num_classes,
-                    epochs=self.evaluate_classifier_epochs, seed=self.seed,
-                )  # fmt: skip
-                reference.update(classifier=classifier, test=features(classifier, test_x))
-            generated = features(reference["classifier"], self.sample(arrays, labels))
-            return MetricRecord(
-                {"frechet_distance": frechet_distance(generated, reference["test"])}
-            )
-
-        return evaluate_fn
+        return frechet_evaluator(
+            self.sample, test_x, test_y, self.num_classes,
+            samples_per_class=self.evaluate_samples_per_class,
+            epochs=self.evaluate_classifier_epochs, seed=self.seed,
+        )  # fmt: skip
 
     def sample(
         self, arrays: ArrayRecord, labels: Tensor, *, seed_purpose: str = "gswgan.evaluate"
