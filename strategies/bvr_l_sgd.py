@@ -14,15 +14,15 @@ estimate ṽ_0; each round then
 Round 1 of a stage has the anchor exchange instead of the estimate exchange:
 there x_{-1} = x_0, so the recursion's difference vanishes and ṽ_1 = ṽ_0.
 
-Communication (the cheaper protocol of the spec): the server draws p̂ before the
-local exchange and asks only that worker, so per round the downlink is P·d (the
-point, to every worker) + 2d (point and estimate, to p̂) and the uplink P·d
-(differences) + d (p̂'s model); workers remember their previous point in
-``Context.state`` instead of receiving it again.
+Communication (the cheaper of two protocols that give the same iterates): the
+server draws p̂ before the local exchange and asks only that worker, so per round
+the downlink is P·d (the point, to every worker) + 2d (point and estimate, to p̂)
+and the uplink P·d (differences) + d (p̂'s model); workers remember their
+previous point in ``Context.state`` instead of receiving it again.
 
-What we report as the model is the last iterate x̃_S (the practice the spec
-allows), not the theory's randomly drawn x̃^out, and the LocalRoutine returns
-its last point, not a random inner iterate.
+What we report as the model is the last iterate x̃_S (common practice), not the
+theory's randomly drawn x̃^out, and the LocalRoutine returns its last point, not
+a random inner iterate.
 """
 
 from dataclasses import dataclass

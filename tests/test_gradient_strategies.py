@@ -1,4 +1,4 @@
-"""BVR-L-SGD and its baselines against the spec's checks (shared/specs/bvr-l-sgd.md).
+"""BVR-L-SGD and its baselines against the spec's checks (Murata & Suzuki, ICML 2021).
 
 Quadratic workers are least-squares data sets in float64: with full local batches
 every gradient is exact, so the reductions hold to rounding error.

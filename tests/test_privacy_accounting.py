@@ -1,4 +1,4 @@
-"""Accountants: golden epsilons from specs/private-aggregation.md, calibration, checkpoints."""
+"""Accountants: golden epsilons (Opacus, dp-accounting), calibration, checkpoints."""
 
 import json
 

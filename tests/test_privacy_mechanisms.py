@@ -1,7 +1,7 @@
-"""Privacy mechanisms: spec reference values, and statistical tests bounded by theory.
+"""Privacy mechanisms: reference values from the papers, and statistical tests bounded by theory.
 
 Statistical bounds are k = 5 standard errors (or the DKW bound with the same
-two-sided tail, 5.7e-7) with fixed seeds, as in specs/private-aggregation.md.
+two-sided tail, 5.7e-7) with fixed seeds.
 """
 
 import math

@@ -1,7 +1,7 @@
 """Privacy mechanisms and accounting for private federated aggregation.
 
 Pure functions, each taking an explicit ``numpy.random.Generator``, one mechanism
-per module (the spec is ``specs/private-aggregation.md``):
+per module, after Bhowmick et al. (2018, arXiv 1812.00984) and the papers cited in each:
 
 * :mod:`~fedsim.privacy.flat` and :mod:`~fedsim.privacy.clipping`: a model's named
   arrays as one vector, and its L2 clipping;

@@ -98,7 +98,7 @@ class Accountant(ABC):
 
 
 class RdpAccountant(Accountant):
-    """RDP accountant at Opacus's default orders (the spec's reference values use them)."""
+    """RDP accountant at Opacus's default orders (the golden values in the tests use them)."""
 
     mechanism = "rdp"
     orders: ClassVar[tuple[float, ...]] = tuple(OpacusRDPAccountant.DEFAULT_ALPHAS)

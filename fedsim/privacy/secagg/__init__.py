@@ -2,7 +2,7 @@
 
 Pairwise additive masking with dropout recovery (Bonawitz et al. 2017,
 "Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS,
-https://eprint.iacr.org/2017/281), spec ``specs/private-aggregation.md`` §3:
+https://eprint.iacr.org/2017/281):
 
 * :mod:`.quantization`: an update as integers mod 2^32, with its error bound;
 * :mod:`.crypto`: key agreement, the mask PRG, Shamir shares, share encryption;
