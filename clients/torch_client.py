@@ -22,7 +22,8 @@ from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.trainer import trainer_for
-from fedsim.clients.training import LossFn, evaluate
+from fedsim.clients.training import TASK_METRICS, LossFn, evaluate
+from fedsim.data.datasets import Task
 from fedsim.engine.threaded import on_worker_thread
 from fedsim.records import config_number, get_record, records_of
 from fedsim.seeding import GLOBAL_RNG_LOCK, derive_seed, seeded_torch_rng
@@ -66,6 +67,10 @@ class TorchTask:
     dp_sgd
         Train with DP-SGD (Opacus) instead of plain SGD: record-level privacy,
         each node's ε reported as ``dp-epsilon`` (see ``fedsim.clients.dp_sgd``).
+    task
+        What the targets are, which decides the evaluation metrics:
+        ``"classification"`` (accuracy), ``"regression"`` (mse) or ``"next-token"``
+        (accuracy and perplexity); see ``fedsim.clients.training.TASK_METRICS``.
     """
 
     model_fn: Callable[[], nn.Module]
@@ -78,6 +83,7 @@ class TorchTask:
     batch_size: int = 32
     dp_sgd: DPSGD | None = None
     load_node_data: Callable[[UserConfig], Dataset] | None = None
+    task: Task = "classification"
 
     def __post_init__(self) -> None:
         if (self.load_partition is None) == (self.load_node_data is None):
@@ -204,7 +210,8 @@ class TorchClient:
         num_examples = len(cast(Sized, dataset))
         if num_examples == 0:
             # Label-skewed partitions can be empty; weight 0 makes the strategy ignore this reply.
-            empty = MetricRecord({keys.NUM_EXAMPLES: 0, keys.LOSS: 0.0, keys.ACCURACY: 0.0})
+            names = (keys.LOSS, *TASK_METRICS[self.task.task])
+            empty = MetricRecord({keys.NUM_EXAMPLES: 0, **dict.fromkeys(names, 0.0)})
             return Message(RecordDict({keys.METRICS: empty}), reply_to=message)
         metrics = evaluate(
             model,
@@ -212,6 +219,7 @@ class TorchClient:
             loss_fn=self.task.loss_fn,
             batch_size=config_number(config, keys.BATCH_SIZE, int, self.task.batch_size),
             device=self.device,
+            task=self.task.task,
         )
         record = MetricRecord({keys.NUM_EXAMPLES: num_examples, **metrics})
         return Message(RecordDict({keys.METRICS: record}), reply_to=message)

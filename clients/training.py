@@ -1,10 +1,15 @@
 """Local training and evaluation loops for any ``torch.nn.Module``."""
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812 (PyTorch's own convention)
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedsim import keys
+from fedsim.data.datasets import Task
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -64,30 +69,59 @@ def train_epochs(
     return total.item() / max(steps, 1)
 
 
+#: The metrics :func:`evaluate` reports for each task, besides the loss.
+TASK_METRICS: Mapping[Task, tuple[str, ...]] = {
+    "classification": (keys.ACCURACY,),
+    "regression": (keys.MSE,),
+    "next-token": (keys.ACCURACY, keys.PERPLEXITY),
+}
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, dataset: Dataset, *, loss_fn: LossFn, batch_size: int, device: torch.device
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    loss_fn: LossFn,
+    batch_size: int,
+    device: torch.device,
+    task: Task = "classification",
 ) -> dict[str, float]:
-    """Return the example-weighted ``loss`` and, for class labels, ``accuracy``.
+    """Return the example-weighted ``loss`` and the task's metrics (:data:`TASK_METRICS`).
 
-    ``loss_fn`` must average over the batch (PyTorch's default reduction).
-    Accuracy is reported when targets are integer labels and outputs are
-    per-class scores; for other tasks only the loss is meaningful.
+    ``loss_fn`` must average over the batch (PyTorch's default reduction). The
+    metrics do not depend on it: accuracy compares the argmax of per-class scores
+    with the labels; ``mse`` is the mean squared error per target coordinate;
+    perplexity is ``exp`` of the mean cross-entropy (nats) of the next token.
     """
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    classification = True
+    loss_sum, correct, squared_error, cross_entropy, count = 0.0, 0, 0.0, 0.0, 0
     for inputs, targets in ordered_batches(dataset, batch_size=batch_size):
         outputs = model(inputs.to(device))
         targets = targets.to(device)
         loss_sum += loss_fn(outputs, targets).item() * len(targets)
-        classification &= outputs.dim() == 2 and not targets.is_floating_point()
-        if classification:
-            correct += int((outputs.argmax(dim=1) == targets).sum())
         count += len(targets)
+        if task == "regression":
+            squared_error += F.mse_loss(outputs, targets, reduction="sum").item() / max(
+                targets[0].numel(), 1
+            )
+            continue
+        if outputs.dim() != 2 or targets.is_floating_point():
+            raise ValueError(
+                f"task {task!r} needs per-class scores (batch, classes) and integer labels, "
+                f"got outputs {tuple(outputs.shape)} and {targets.dtype} targets; "
+                "for real-valued targets use task 'regression'"
+            )
+        correct += int((outputs.argmax(dim=1) == targets).sum())
+        if task == "next-token":
+            cross_entropy += F.cross_entropy(outputs, targets, reduction="sum").item()
     if count == 0:
         raise ValueError("cannot evaluate on an empty dataset")
-    metrics = {"loss": loss_sum / count}
-    if classification:
-        metrics["accuracy"] = correct / count
+    metrics = {keys.LOSS: loss_sum / count}
+    if task == "regression":
+        metrics[keys.MSE] = squared_error / count
+    else:
+        metrics[keys.ACCURACY] = correct / count
+    if task == "next-token":
+        metrics[keys.PERPLEXITY] = math.exp(cross_entropy / count)
     return metrics

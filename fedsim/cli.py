@@ -424,6 +424,8 @@ def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:
         "rounds",
         "accuracy",
         "best_accuracy",
+        "perplexity",
+        "mse",
         "loss",
         "epsilon",
         "epsilon_paper",

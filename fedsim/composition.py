@@ -17,6 +17,7 @@ from fedsim.algorithm import privacy_refusal
 from fedsim.config import ConfigError, DataConfig, RunConfig
 from fedsim.registry import (
     DATASETS,
+    LOSSES,
     MODELS,
     STRATEGIES,
     check_name,
@@ -48,6 +49,14 @@ DATA_SHAPE_KEYWORDS = ("input_shape", "num_classes")
 MODEL_KEYWORDS = ("input_shape", "num_classes")
 #: Keywords fedsim passes to a plug-in dataset loader that takes them.
 DATA_KEYWORDS = ("seed", "test_fraction")
+#: ``client.loss``'s default: the loss of the dataset's task (:data:`TASK_LOSSES`).
+AUTO_LOSS = "auto"
+#: The loss each task trains with unless ``client.loss`` names another.
+TASK_LOSSES = {
+    "classification": "cross-entropy",
+    "regression": "mse",
+    "next-token": "cross-entropy",
+}
 
 
 def strategy_class(config: RunConfig) -> type:
@@ -70,7 +79,16 @@ def check_composition(config: RunConfig) -> None:
         configured_by_params=takes_params(config.strategy.name),
     )
     factory = resolve("model.name", config.model.name, MODELS)
-    _check_params("model", config.model.name, factory, config.model.params, MODEL_KEYWORDS)
+    _check_params(
+        "model",
+        config.model.name,
+        factory,
+        config.model.params,
+        MODEL_KEYWORDS,
+        configured_by_params=True,  # the zoo's knobs too
+    )
+    if config.client.loss != AUTO_LOSS:
+        _loss_object(config.client.loss)
     data = config.data
     check_name("data.dataset", data.dataset, DATASETS)
     loader = (
@@ -174,12 +192,35 @@ def plugin_dataset(data: DataConfig, seed: int) -> "CentralDataset":
 def model_factory(
     config: RunConfig, input_shape: tuple[int, ...], num_classes: int
 ) -> Callable[[], "nn.Module"]:
-    """Return the zero-argument model factory of ``model.name``."""
+    """Return the zero-argument model factory of ``model.name`` with its ``params``."""
     factory = resolve("model.name", config.model.name, MODELS)
-    if not is_import_path(config.model.name):
-        hidden = config.model.hidden
-        return lambda: factory(input_shape, num_classes, hidden=hidden)
     shape = {"input_shape": input_shape, "num_classes": num_classes}
     passed = {k: v for k, v in shape.items() if k in _takes(factory, MODEL_KEYWORDS)}
     params = config.model.params
     return lambda: factory(**passed, **params)
+
+
+def loss_function(config: RunConfig, task: str) -> Callable[..., Any]:
+    """Return the batch-mean loss of ``client.loss`` for a dataset of ``task``.
+
+    A shipped name or an ``nn.Module`` class by import path is instantiated without
+    arguments; a function by import path is used as it is.
+    """
+    name = config.client.loss
+    if name == AUTO_LOSS:
+        name = TASK_LOSSES[task]
+    if task == "regression" and name == "cross-entropy":
+        raise ConfigError(
+            "client.loss = 'cross-entropy' needs class labels; the dataset is a regression "
+            "task: use 'mse' or 'auto'"
+        )
+    loss = _loss_object(name)
+    return loss() if isinstance(loss, type) else loss
+
+
+def _loss_object(name: str) -> Any:
+    """Resolve ``client.loss``: a shipped name, or a class or function by import path."""
+    loss = resolve("client.loss", name, LOSSES)
+    if not callable(loss):
+        raise ConfigError(f"client.loss = {name!r} is not a loss function or class")
+    return loss

@@ -80,38 +80,55 @@ class DataConfig:
     model's input shape and classes.
     """
 
+    # A shipped dataset (docs/models-and-data.md) or a loader 'module:function'.
     dataset: str = "digits"
+    # How the train split is divided over clients; 'natural': the dataset's own clients.
     partitioner: Partitioner = "dirichlet"
+    # The population: one partition, one simulated node, per client.
     num_clients: int = _at_least(100, 1)
+    # Dirichlet concentration of the 'dirichlet' label skew (small: more skewed).
     alpha: float = _positive(0.5)
+    # Label-sorted shards each client gets under 'shards'.
     shards_per_client: int = _at_least(2, 1)
     # The i.i.d. fraction of "qsplit" (our reconstruction of Murata & Suzuki's q).
     q: float = _rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    # The server's held-out test split (the Hub datasets keep their own).
     test_fraction: float = _fraction(0.2)
+    # Synthetic(alpha, beta): variance of the clients' model prior.
     synthetic_alpha: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    # Synthetic(alpha, beta): variance of the clients' input prior.
     synthetic_beta: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    # A dataset loader's keyword arguments (import paths only).
     params: Params = field(default_factory=Params)
+    # Each node's own data: a function of its node_config ('module:function').
     load_partition: str = ""
 
     def __post_init__(self) -> None:
-        if (self.dataset == "synthetic") != (self.partitioner == "natural"):
+        from fedsim.registry import NATURAL_SPLITS, ONLY_NATURAL  # it imports ConfigError
+
+        if self.partitioner == "natural" and self.dataset not in NATURAL_SPLITS:
             raise ConfigError(
-                "data.partitioner: the 'synthetic' dataset is split by client ('natural'), "
-                f"and 'natural' only applies to it; got dataset={self.dataset!r}, "
-                f"partitioner={self.partitioner!r}"
+                f"data.partitioner = 'natural' applies to datasets split by their own clients "
+                f"({', '.join(sorted(NATURAL_SPLITS))}); got dataset={self.dataset!r}"
+            )
+        if self.dataset in ONLY_NATURAL and self.partitioner != "natural":
+            raise ConfigError(
+                f"data.partitioner: the {self.dataset!r} dataset is split by client "
+                f"('natural'); got dataset={self.dataset!r}, partitioner={self.partitioner!r}"
             )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model to train: a shipped one, or a factory ``"module:function"``.
+    """Which model to train: one of the zoo (``fedsim.models``), or a factory ``"module:function"``.
 
-    A factory by import path gets ``params`` as keyword arguments, plus
-    ``input_shape`` and ``num_classes`` if it takes them.
+    The factory gets ``params`` as keyword arguments (a zoo model's knobs, e.g.
+    ``hidden`` or ``depth``), plus ``input_shape`` and ``num_classes`` if it takes them.
     """
 
+    # A zoo model (docs/models-and-data.md) or a factory 'module:function'.
     name: str = "cnn"
-    hidden: int = _at_least(64, 1)
+    # The factory's keyword arguments, e.g. { hidden = 128 }.
     params: Params = field(default_factory=Params)
 
 
@@ -119,16 +136,26 @@ class ModelConfig:
 class ClientConfig:
     """Local training on each client."""
 
+    # Learning rate of the clients' SGD.
     lr: float = _positive(0.05)
+    # Passes over the local data per round (FedAvg).
     local_epochs: int = _at_least(1, 1)
+    # Minibatch size of local training.
     batch_size: int = _at_least(32, 1)
     dp_sgd: bool = False  # record-level DP-SGD (Opacus) on each client
+    # DP-SGD: Gaussian noise std as a multiple of dp_max_grad_norm.
     dp_noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    # DP-SGD: per-sample gradient clipping norm.
     dp_max_grad_norm: float = _positive(1.0)
+    # DP-SGD: the delta at which each node's epsilon is reported.
     dp_delta: float = _fraction(1e-5)
+    # Where local training runs; 'auto' takes CUDA, then MPS, then CPU.
     device: str = _rule(
         "cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
     )
+    # 'auto': the dataset's task decides (cross-entropy for labels, mse for regression);
+    # or 'cross-entropy', 'mse', or a batch-mean loss by import path 'module:attribute'.
+    loss: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -139,15 +166,22 @@ class StrategyConfig:
     ``seed`` and cohort sizes for those of ``fedsim.registry.COHORT_KEYWORDS`` it takes.
     """
 
+    # A shipped strategy (docs/strategies.md) or a class 'module:Class'.
     name: str = "fedavg"
+    # The training cohort drawn each round.
     clients_per_round: int = _at_least(10, 1)
+    # The federated evaluation cohort each round (0: none).
     evaluate_clients: int = _at_least(0, 0)
     # The gradient-based strategies (all but fedavg) take K local steps of
     # client.batch_size samples (b; B for minibatch-sgd and sarah) at client.lr.
     local_steps: int = _at_least(1, 1)
+    # BVR-L-SGD and SARAH: T, rounds per stage (a reference gradient at each start).
     stage_rounds: int = _at_least(10, 1)
+    # BVR-L-SGD and SARAH: samples of the stage's reference gradient.
     reference_batch_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: full local data)")
+    # SCAFFOLD's global step size eta_g.
     server_lr: float = _positive(1.0)
+    # A plug-in strategy's keyword arguments (and gs-wgan's).
     params: Params = field(default_factory=Params)
 
 
@@ -161,20 +195,35 @@ class PrivacyConfig:
     cohort to answer each of its four exchanges.
     """
 
+    # Clip each update, release the cohort's sum with Gaussian noise, account epsilon.
     central_dp: bool = False
+    # Central DP: noise std on the sum as a multiple of clip_norm.
     noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    # Central DP: L2 bound on each client's update.
     clip_norm: float = _positive(0.1)
+    # Central DP: how the cohort is drawn, as the accountant assumes it.
     sampling: Literal["poisson", "fixed"] = "poisson"
+    # Central DP: Renyi DP or the PRV accountant.
     accountant: Literal["rdp", "prv"] = "rdp"
+    # Central DP: the delta at which the run's epsilon is reported.
     delta: float = _fraction(1e-5)
+    # Central DP: adapt clip_norm to a quantile of update norms (Andrew et al.).
     adaptive_clipping: bool = False
+    # Central DP: calibrate the noise for this many clients per round.
     noise_cohort_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: the cohort)")
+    # Central DP: account epsilon for this population.
     accounting_population: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: the population)")
+    # Privatize every update on the device: PrivUnit2 direction + ScalarDP magnitude.
     local_dp: bool = False
+    # Local DP: epsilon of the PrivUnit2 direction.
     epsilon_direction: float = _positive(8.0)
+    # Local DP: epsilon of the ScalarDP magnitude.
     epsilon_magnitude: float = _positive(2.0)
+    # Local DP: L2 bound on an update before it is privatized.
     local_clip: float = _positive(1.0)
+    # Local DP: levels of ScalarDP's quantized magnitude.
     magnitude_levels: int = _at_least(10, 1)
+    # The server sees only the cohort's masked sum (Bonawitz et al. 2017).
     secure_aggregation: bool = False
     secagg_clip_range: float = _positive(1.0)
     secagg_max_weight: int = _at_least(1000, 1)
@@ -191,14 +240,21 @@ class EngineConfig:
     the threads and Ray engines take theirs from ``num_cpus_per_client``.
     """
 
+    # What runs the clients: fedsim's engines, or Flower's run_simulation.
     name: Literal["inline", "threads", "ray", "flower"] = "inline"
+    # Per exchange; unfinished clients become error replies.
     timeout_s: float = _positive(3600.0)
+    # CPUs per simulated client (Ray; threads: torch threads per worker).
     num_cpus_per_client: float = _positive(1.0)
+    # GPUs per simulated client on Ray; fractions share a GPU.
     num_gpus_per_client: float = _rule(
         0.0, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)"
     )
+    # Clients that run at once: Ray actors or worker threads (0: fit the CPUs).
     num_actors: int = _at_least(0, 0)
+    # '': start a local Ray; 'auto' or 'ray://host:10001' joins a cluster.
     address: str = ""
+    # Fix glibc's malloc thresholds for the run and its Ray workers.
     pin_malloc: bool = True
     check_finite_arrays: bool = True
     torch_threads: int = _at_least(0, 0)
@@ -213,13 +269,21 @@ class EngineConfig:
 class DevicesConfig:
     """Simulated device heterogeneity: speed, availability, bandwidth, a round deadline."""
 
+    # Simulate device heterogeneity around any engine.
     enabled: bool = False
+    # Profiles from a CSV (partition_id,speed,availability,bandwidth_mbps).
     csv: str = ""
+    # Speed ~ LogNormal(0, sigma).
     speed_sigma: float = _rule(0.5, lambda v: v >= 0, "a number >= 0")
+    # Availability ~ Beta with this mean.
     availability_mean: float = _rule(0.9, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    # Availability ~ Beta with this concentration.
     availability_concentration: float = _positive(10.0)
+    # Bandwidth ~ LogNormal around this median.
     bandwidth_median_mbps: float = _positive(20.0)
+    # Bandwidth's LogNormal sigma.
     bandwidth_sigma: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    # Round deadline in simulated seconds; later replies count as late.
     deadline_s: float = _rule(0.0, lambda v: v >= 0, "a number >= 0 (0: no deadline)")
 
 
@@ -227,15 +291,23 @@ class DevicesConfig:
 class RunConfig:
     """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
 
+    # The run's folder under output_dir.
     name: str = _rule(
         "fedsim", lambda v: bool(_NAME.fullmatch(v)), "letters, digits, '.', '_', '-'"
     )
+    # Every random draw derives from (seed, round, node, purpose).
     seed: int = _at_least(0, 0)
+    # Rounds to run (a resumed run continues up to it).
     rounds: int = _at_least(10, 1)
+    # Central evaluation every N rounds (always at 0 and the last).
     eval_every: int = _at_least(1, 1)
+    # Where run folders go.
     output_dir: str = "runs"
+    # Write metrics.png.
     plot: bool = True
+    # Show the live progress bar.
     progress: bool = True
+    # Rounds between checkpoints; --resume continues from the last.
     checkpoint_every: int = _rule(
         1, lambda v: v >= 0, "an integer >= 0 (rounds between checkpoints; 0: none)"
     )

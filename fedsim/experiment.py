@@ -14,7 +14,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, UserConfig
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from fedsim import keys
@@ -22,7 +21,7 @@ from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod, HoldsServerModel
 from fedsim.clients import TorchTask
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.training import evaluate
-from fedsim.composition import model_factory, plugin_dataset, plugin_strategy
+from fedsim.composition import loss_function, model_factory, plugin_dataset, plugin_strategy
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
 from fedsim.data.datasets import CentralDataset
@@ -94,7 +93,8 @@ def build_task(config: RunConfig) -> TorchTask:
     node_data = config.data.load_partition
     return TorchTask(
         model_fn=model_factory(config, central.input_shape, central.num_classes),
-        loss_fn=nn.CrossEntropyLoss(),
+        loss_fn=loss_function(config, central.task),
+        task=central.task,
         load_partition=None if node_data else load_partition,
         load_node_data=node_loader(node_data) if node_data else None,
         device=config.client.device,
@@ -256,7 +256,12 @@ def central_evaluator(task: TorchTask, test_set: Dataset) -> EvaluateFn:
     def evaluate_fn(_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics = evaluate(
-            model, test_set, loss_fn=task.loss_fn, batch_size=512, device=torch.device("cpu")
+            model,
+            test_set,
+            loss_fn=task.loss_fn,
+            batch_size=512,
+            device=torch.device("cpu"),
+            task=task.task,
         )
         return MetricRecord(metrics)
 

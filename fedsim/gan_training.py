@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fedsim.clients.local_routines import LocalData
-from fedsim.gan_models import sample_latent
+from fedsim.models.gs_wgan import sample_latent
 
 GRADIENT_PENALTY = 10.0  # WGAN-GP's lambda
 DRIFT_PENALTY = 0.001  # keeps the critic's real scores near 0 (the authors' epsilon drift)

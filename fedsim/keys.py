@@ -38,6 +38,8 @@ TRAIN_LOSS: Final = "train_loss"
 LOSS: Final = "loss"
 DP_EPSILON: Final = "dp-epsilon"  # a DP-SGD client's ε so far (record-level)
 ACCURACY: Final = "accuracy"
+MSE: Final = "mse"  # mean squared error per target coordinate (regression)
+PERPLEXITY: Final = "perplexity"  # exp of the mean next-token cross-entropy
 
 # node_config entries, as Flower's simulation runtime and `flower-supernode
 # --node-config` set them.

@@ -59,6 +59,10 @@ def status_line(report: RoundReport) -> str:
         parts.append(f"loss {loss:.4f}")
     if (accuracy := report.central.get("accuracy")) is not None:
         parts.append(f"acc {accuracy:.3f}")
+    if (perplexity := report.central.get("perplexity")) is not None:
+        parts.append(f"ppl {perplexity:.2f}")
+    if (mse := report.central.get("mse")) is not None:
+        parts.append(f"mse {mse:.4f}")
     if (epsilon := report.privacy.get("epsilon")) is not None:
         parts.append(f"ε {epsilon:.2f}")
         if (paper := report.privacy.get("epsilon_paper")) is not None:

@@ -43,15 +43,32 @@ PARAMS_STRATEGIES = frozenset({"gs-wgan"})
 #: Shipped datasets: config name -> what builds them (``fedsim.data.build_federated_data``
 #: loads each by name and partitions it).
 DATASETS: Mapping[str, str] = dict.fromkeys(
-    ("digits", "synthetic", "mnist", "emnist", "cifar10"), "fedsim.data:build_federated_data"
+    ("digits", "synthetic", "least-squares", "pydocs", "mnist", "emnist", "cifar10"),
+    "fedsim.data:build_federated_data",
 )
+#: Shipped datasets that come split by their own clients (``data.partitioner = "natural"``),
+#: and those of them that have no other split (each client generates its own samples).
+NATURAL_SPLITS = frozenset({"synthetic", "least-squares", "pydocs"})
+ONLY_NATURAL = frozenset({"synthetic", "least-squares"})
 
-#: Shipped models: config name -> import path of the factory
-#: ``(input_shape, num_classes, *, hidden) -> nn.Module``.
+#: Shipped losses: config name -> import path of the ``nn.Module`` class (``client.loss``).
+LOSSES: Mapping[str, str] = {
+    "cross-entropy": "torch.nn:CrossEntropyLoss",
+    "mse": "torch.nn:MSELoss",
+}
+
+#: Shipped models (the zoo, :mod:`fedsim.models`): config name -> import path of the
+#: factory ``(input_shape, num_classes, **knobs) -> nn.Module``.
 MODELS: Mapping[str, str] = {
-    "cnn": "fedsim.models:cnn",
-    "mlp": "fedsim.models:mlp",
-    "logreg": "fedsim.models:logreg",
+    "cnn": "fedsim.models.small:cnn",
+    "mlp": "fedsim.models.small:mlp",
+    "logreg": "fedsim.models.small:logreg",
+    "fedavg-cnn": "fedsim.models.fedavg:fedavg_cnn",
+    "fedavg-2nn": "fedsim.models.fedavg:fedavg_2nn",
+    "cifar-cnn": "fedsim.models.fedavg:cifar_cnn",
+    "char-lstm": "fedsim.models.char_lstm:char_lstm",
+    "resnet18-gn": "fedsim.models.resnet:resnet18_gn",
+    "transformer": "fedsim.models.transformer:transformer",
 }
 
 
@@ -103,11 +120,24 @@ def _import(key: str, module_name: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{key}: cannot import {module_name!r} ({exc})") from None
-    origin = getattr(module, "__file__", None)
-    if origin and Path(origin).resolve().is_relative_to(Path(cwd).resolve()):
-        if not module_name.startswith("fedsim"):
-            cloudpickle.register_pickle_by_value(module)
+    if _found_in(cwd, module_name) and not module_name.startswith("fedsim"):
+        cloudpickle.register_pickle_by_value(module)
     return module
+
+
+def _found_in(folder: str, module_name: str) -> bool:
+    """Whether ``module_name``'s top-level module or package sits directly in ``folder``.
+
+    Being somewhere below it is not enough: a virtual environment inside the
+    project (``./.venv/.../torch``) holds installed packages, which workers import.
+    """
+    top = sys.modules.get(module_name.partition(".")[0])
+    origin = getattr(top, "__file__", None)
+    if not origin:
+        return False
+    path = Path(origin).resolve()
+    location = path.parent.parent if path.name == "__init__.py" else path.parent
+    return location == Path(folder).resolve()
 
 
 def checked_params(

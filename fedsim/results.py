@@ -156,7 +156,7 @@ class RunRecorder:
         A run that never started writes nothing: its folder stays as it was.
         """
         last_central: dict[str, Any] = next(
-            (r for r in reversed(self.rows) if "central_accuracy" in r), {}
+            (r for r in reversed(self.rows) if {"central_loss", "central_accuracy"} & r.keys()), {}
         )
         summary = {
             "name": self.config.name,
@@ -167,6 +167,9 @@ class RunRecorder:
             "best_accuracy": max(
                 (r["central_accuracy"] for r in self.rows if "central_accuracy" in r), default=None
             ),
+            # The other tasks' headline metrics (fedsim.clients.training.TASK_METRICS).
+            "perplexity": _last(self.rows, "central_perplexity"),
+            "mse": _last(self.rows, "central_mse"),
             "failures": sum(int(r.get("failures", 0)) for r in self.rows),
             "unavailable": sum(int(r.get("unavailable", 0)) for r in self.rows),
             "late": sum(int(r.get("late", 0)) for r in self.rows),
@@ -201,24 +204,34 @@ def _total(values: Any) -> float | None:
     return round(sum(present), 3) if present else None
 
 
-def plot_metrics(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
-    """Plot accuracy and loss per round (centralized, and clients' where present).
+def plotted_metrics(columns: set[str]) -> tuple[str, str]:
+    """Return the two metrics :func:`plot_metrics` draws from rows with ``columns``.
 
-    A run without them (GS-WGAN's generator) plots what its server does measure
-    instead: its first other central metric, and ε.
+    The left one is the task's: perplexity for next-token prediction, mse for
+    regression, else accuracy; the right one is the loss. A run without them
+    (GS-WGAN's generator) plots what its server does measure instead: its first
+    other central metric, and ε.
     """
+    left = next(
+        (m for m in ("perplexity", "mse", "accuracy") if f"central_{m}" in columns), "accuracy"
+    )
+    if f"central_{left}" not in columns:
+        others = sorted(k.removeprefix("central_") for k in columns if k.startswith("central_"))
+        left = others[0] if others else left
+    right = "loss"
+    if f"central_{right}" not in columns and "privacy_epsilon" in columns:
+        right = "epsilon"
+    return left, right
+
+
+def plot_metrics(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Plot :func:`plotted_metrics` per round: the server's, the clients', training loss."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    columns = {key for row in rows for key in row}
-    left, right = "accuracy", "loss"
-    if f"central_{left}" not in columns:
-        others = sorted(k.removeprefix("central_") for k in columns if k.startswith("central_"))
-        left = others[0] if others else left
-    if f"central_{right}" not in columns and "privacy_epsilon" in columns:
-        right = "epsilon"
+    left, right = plotted_metrics({key for row in rows for key in row})
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for prefix, label in (("central_", "server test set"), ("evaluate_", "clients"),
                           ("privacy_", "spent so far")):  # fmt: skip

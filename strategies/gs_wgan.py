@@ -227,7 +227,7 @@ class GSWGAN(RunsItsOwnRounds, Strategy):
     input_shape: tuple[int, ...]
     num_classes: int
     seed: int = 0
-    generator: str = "fedsim.gan_models:small_generator"
+    generator: str = "fedsim.models.gs_wgan:small_generator"
     latent_dim: int = 10
     batch_size: int = 32
     critic_steps: int = 5

@@ -19,7 +19,7 @@ BAD_CONFIGS = [
     ("[data]\nalpha = 0", [], "data.alpha = 0.0 is out of range; expected a number > 0"),
     ("[data]\nnum_clients = 2.5", [], "data.num_clients = 2.5 has the wrong type"),
     ('[data]\ndataset = "imagenet"', [], "data.dataset = 'imagenet' is not one of"),
-    ('[data]\npartitioner = "natural"', [], "data.partitioner: the 'synthetic' dataset"),
+    ('[data]\npartitioner = "natural"', [], "data.partitioner = 'natural' applies to datasets"),
     ('[data]\ndataset = "synthetic"', [], "got dataset='synthetic', partitioner='dirichlet'"),
     ("[data]\ntest_fraction = 1.5", [], "data.test_fraction = 1.5 is out of range"),
     ("[strategy]\nclients_per_round = 101", [], "strategy.clients_per_round = 101 exceeds"),
@@ -96,9 +96,10 @@ def test_config_choices_match_what_the_library_builds() -> None:
 
     from fedsim.config import DataConfig
     from fedsim.data.federated import DATASETS, PARTITIONERS
+    from fedsim.registry import ONLY_NATURAL
 
     hints = typing.get_type_hints(DataConfig)
     for dataset in DATASETS:  # every shipped name is accepted by the config
-        partitioner = "natural" if dataset == "synthetic" else "iid"
+        partitioner = "natural" if dataset in ONLY_NATURAL else "iid"
         parse_config({"data": {"dataset": dataset, "partitioner": partitioner}})
     assert set(typing.get_args(hints["partitioner"])) == set(PARTITIONERS)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fedsim.gan_models import (
+from fedsim.models.gs_wgan import (
     paper_discriminator,
     paper_generator,
     pixel_norm,

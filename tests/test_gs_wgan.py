@@ -20,9 +20,9 @@ from fedsim.config import ConfigError, load_config
 from fedsim.data import build_federated_data
 from fedsim.engine import InlineGrid
 from fedsim.experiment import build_task, run_on_grid
-from fedsim.gan_models import small_discriminator
 from fedsim.gan_training import image_gradients
 from fedsim.loop import run_rounds
+from fedsim.models.gs_wgan import small_discriminator
 from fedsim.strategies.gs_wgan import GSWGAN, gswgan_step
 from tests.conftest import run_script
 

@@ -102,7 +102,8 @@ def test_a_model_and_a_dataset_by_import_path_train(folder: Path) -> None:
         ({"model": {"params": {"width": "wide"}}}, "model.params.width = 'wide' must be"),
         ({"data": {"params": {}}}, "data.params.samples is required"),
         ({"data": {"params": {"samples": 9, "seed": 1}}}, "fedsim sets 'seed' itself"),
-        ({"model": {"name": "mlp", "params": {"width": 3}}}, "model.params applies to a plug-in"),
+        # A zoo model's knobs are params too, checked the same way.
+        ({"model": {"name": "mlp", "params": {"width": 3}}}, "unknown parameter 'model.params.width'"),
         ({"data": {"dataset": "digit"}}, "did you mean 'digits'"),
     ],
 )

@@ -88,10 +88,10 @@ class Scale:
 
 
 SCALES = {
-    "small": Scale((1, 8, 8), "fedsim.gan_models:small_generator",
-                   "fedsim.gan_models:small_discriminator"),
-    "paper": Scale((1, 28, 28), "fedsim.gan_models:paper_generator",
-                   "fedsim.gan_models:paper_discriminator"),
+    "small": Scale((1, 8, 8), "fedsim.models.gs_wgan:small_generator",
+                   "fedsim.models.gs_wgan:small_discriminator"),
+    "paper": Scale((1, 28, 28), "fedsim.models.gs_wgan:paper_generator",
+                   "fedsim.models.gs_wgan:paper_discriminator"),
 }  # fmt: skip
 
 

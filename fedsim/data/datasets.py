@@ -6,8 +6,9 @@ loaders work offline (scikit-learn's embedded digits and the FedProx paper's
 Synthetic(alpha, beta)); :func:`load_flwr_dataset` reaches the Hugging Face Hub.
 """
 
+import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +25,13 @@ class DatasetUnavailableError(RuntimeError):
     """A dataset that has to be downloaded could not be reached."""
 
 
+#: What a dataset's targets are, which decides the default loss and the metrics:
+#: class labels (cross-entropy; accuracy), real vectors (MSE; mse), or the next token
+#: of a sequence (cross-entropy; accuracy and perplexity).
+Task = Literal["classification", "regression", "next-token"]
+TASKS: tuple[Task, ...] = typing.get_args(Task)
+
+
 @dataclass(frozen=True)
 class CentralDataset:
     """Train and held-out test tensors of one dataset, before partitioning.
@@ -31,12 +39,18 @@ class CentralDataset:
     Attributes
     ----------
     train_x, test_x : torch.Tensor
-        float32 inputs of shape ``(n, *input_shape)``.
+        Inputs of shape ``(n, *input_shape)``: float32, or int64 token ids for
+        ``"next-token"``.
     train_y, test_y : torch.Tensor
-        int64 class labels of shape ``(n,)``, in ``[0, num_classes)``.
+        Targets: int64 labels of shape ``(n,)`` in ``[0, num_classes)`` for
+        ``"classification"`` and ``"next-token"``; float32 of shape
+        ``(n, num_classes)`` for ``"regression"``.
     num_classes : int
-        Size of the label space, which may exceed the labels actually present
-        (a Synthetic client need not produce every class).
+        Size of the model's output: the label space, which may exceed the labels
+        actually present (a Synthetic client need not produce every class), or the
+        number of regression targets per sample.
+    task : str
+        One of :data:`TASKS`.
     """
 
     train_x: torch.Tensor
@@ -44,16 +58,28 @@ class CentralDataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    task: Task = "classification"
 
     def __post_init__(self) -> None:
         # Checked once here so that models and partitioners can trust shapes and dtypes.
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        inputs = (torch.float32, torch.int64) if self.task == "next-token" else (torch.float32,)
         for split, x, y in (
             ("train", self.train_x, self.train_y),
             ("test", self.test_x, self.test_y),
         ):
-            if x.dtype != torch.float32 or y.dtype != torch.int64:
-                raise ValueError(f"{split}_x must be float32 and {split}_y int64")
-            if y.ndim != 1 or x.shape[0] != y.shape[0]:
+            if x.dtype not in inputs:
+                raise ValueError(f"{split}_x must be {' or '.join(map(str, inputs))}")
+            if self.task == "regression":
+                if y.dtype != torch.float32 or y.shape[1:] != (self.num_classes,):
+                    raise ValueError(
+                        f"{split}_y of a regression task must be float32 of shape "
+                        f"(n, num_classes={self.num_classes})"
+                    )
+            elif y.dtype != torch.int64 or y.ndim != 1:
+                raise ValueError(f"{split}_y must be int64 labels of shape (n,)")
+            if x.shape[0] != y.shape[0]:
                 raise ValueError(f"{split}_x and {split}_y must hold the same number of samples")
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError("train_x and test_x must have the same input shape")

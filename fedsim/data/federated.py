@@ -11,8 +11,11 @@ import numpy as np
 from torch.utils.data import TensorDataset
 
 from fedsim.data.datasets import CentralDataset, load_digits, load_flwr_dataset, load_synthetic
+from fedsim.data.least_squares import load_least_squares
 from fedsim.data.partition import SCHEMES, partition_indices
+from fedsim.data.text import load_pydocs
 from fedsim.registry import DATASETS as SHIPPED_DATASETS
+from fedsim.registry import NATURAL_SPLITS, ONLY_NATURAL
 
 DATASETS = tuple(SHIPPED_DATASETS)  # named once, in fedsim.registry
 PARTITIONERS = (*SCHEMES, "natural")
@@ -97,14 +100,17 @@ def build_federated_data(
     Parameters
     ----------
     dataset : str
-        ``"digits"`` and ``"synthetic"`` work offline; ``"mnist"``, ``"emnist"``
+        ``"digits"``, ``"synthetic"``, ``"least-squares"`` (regression, see
+        :func:`~fedsim.data.least_squares.load_least_squares`) and ``"pydocs"``
+        (next character, see :mod:`fedsim.data.text`) work offline; ``"mnist"``, ``"emnist"``
         and ``"cifar10"`` download from the Hugging Face Hub.
     partitioner : str
         ``"iid"``, ``"dirichlet"``, ``"shards"`` or ``"qsplit"`` (see
-        :func:`~fedsim.data.partition.partition_indices`), or ``"natural"``: each
-        Synthetic client keeps the samples it generated. ``"natural"`` goes with
-        ``"synthetic"`` and only with it, since other datasets have no clients of
-        their own and Synthetic's clients are the point of the benchmark.
+        :func:`~fedsim.data.partition.partition_indices`), or ``"natural"``: the
+        dataset's own clients (``NATURAL_SPLITS``: a Synthetic or least-squares
+        client keeps the samples it generated, a pydocs client its topics).
+        ``"synthetic"`` and ``"least-squares"`` take no other split, since their
+        clients' differences are the point of the benchmark.
     num_clients : int
         Number of partitions.
     seed : int
@@ -118,7 +124,7 @@ def build_federated_data(
         reconstruction of Murata & Suzuki's heterogeneity parameter (see
         :func:`~fedsim.data.partition.qsplit_indices`).
     test_fraction : float
-        Held-out fraction for ``"digits"`` and ``"synthetic"``; the Hub datasets
+        Held-out fraction of the offline datasets; the Hub datasets
         keep their own test split.
     synthetic_alpha, synthetic_beta : float
         Synthetic(alpha, beta) heterogeneity of models and inputs.
@@ -132,10 +138,14 @@ def build_federated_data(
         raise ValueError(f"dataset must be one of {list(DATASETS)}, got {dataset!r}")
     if partitioner not in PARTITIONERS:
         raise ValueError(f"partitioner must be one of {list(PARTITIONERS)}, got {partitioner!r}")
-    if (dataset == "synthetic") != (partitioner == "natural"):
+    if partitioner == "natural" and dataset not in NATURAL_SPLITS:
         raise ValueError(
-            f'partitioner "natural" goes with dataset "synthetic" and only with it, '
+            f'partitioner "natural" goes with {sorted(NATURAL_SPLITS)}, '
             f"got partitioner={partitioner!r} with dataset={dataset!r}"
+        )
+    if dataset in ONLY_NATURAL and partitioner != "natural":
+        raise ValueError(
+            f'dataset {dataset!r} goes with partitioner "natural", got partitioner={partitioner!r}'
         )
     if dataset == "synthetic":
         central, natural = load_synthetic(
@@ -145,7 +155,24 @@ def build_federated_data(
             seed=seed,
             test_fraction=test_fraction,
         )
+    elif dataset == "least-squares":
+        central, natural = load_least_squares(
+            num_clients=num_clients, seed=seed, test_fraction=test_fraction
+        )
+    elif dataset == "pydocs":
+        central, natural = load_pydocs(num_clients=num_clients, test_fraction=test_fraction)
+    if partitioner == "natural":
         return FederatedData(central=central, partitions=tuple(natural))
+    if dataset == "pydocs":  # pooled, then split like any labelled dataset
+        return partitioned(
+            central,
+            partitioner=partitioner,
+            num_clients=num_clients,
+            seed=seed,
+            alpha=alpha,
+            shards_per_client=shards_per_client,
+            q=q,
+        )
     return partitioned(
         load_central(dataset, seed=seed, test_fraction=test_fraction),
         partitioner=partitioner,
@@ -181,10 +208,17 @@ def partitioned(
     """Partition ``central``'s train split by label with one of ``SCHEMES``.
 
     The parameters are :func:`build_federated_data`'s; a dataset plug-in's
-    ``CentralDataset`` goes through here too.
+    ``CentralDataset`` goes through here too. A regression dataset has no labels
+    to split by: only ``"iid"`` applies to it.
     """
+    if central.task == "regression" and partitioner != "iid":
+        raise ValueError(
+            f"data.partitioner = {partitioner!r} splits by class label, and a regression "
+            "dataset has none; use 'iid' (or a loader that returns its own clients)"
+        )
+    labels = central.train_y.numpy()
     partitions = partition_indices(
-        central.train_y.numpy(),
+        labels if central.task != "regression" else np.zeros(len(labels), dtype=np.int64),
         scheme=partitioner,
         num_partitions=num_clients,
         seed=seed,

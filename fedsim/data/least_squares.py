@@ -25,11 +25,13 @@ worker ``p``'s problem and samples do not depend on how many workers there are.
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (PyTorch's own convention)
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from fedsim.data.datasets import CentralDataset
 from fedsim.seeding import SERVER_NODE, torch_generator
 
 DEFAULT_NOISE_STD = 0.1
@@ -216,3 +218,41 @@ def global_minimizer(workers: Sequence[TensorDataset]) -> Tensor:
     """
     hessians, vectors = normal_equations(workers)
     return torch.linalg.solve(hessians.mean(dim=0), vectors.mean(dim=0))
+
+
+#: The shape of the ``"least-squares"`` dataset a config names: features per sample,
+#: samples per client, and the spreads of the clients' Hessians and optima.
+DATASET_FEATURES, DATASET_SAMPLES = 20, 100
+DATASET_HESSIAN_SPREAD, DATASET_OPTIMUM_SPREAD = 0.5, 1.0
+
+
+def load_least_squares(
+    *, num_clients: int, seed: int, test_fraction: float = 0.2
+) -> tuple[CentralDataset, list[np.ndarray]]:
+    """Return the federation as a ``"regression"`` dataset in float32, split by client.
+
+    Each client's last ``test_fraction`` of samples go to the shared test split.
+    Returns the pooled dataset and each client's train indices, like
+    :func:`fedsim.data.datasets.load_synthetic`.
+    """
+    workers = least_squares_federation(
+        num_workers=num_clients,
+        num_features=DATASET_FEATURES,
+        samples_per_worker=DATASET_SAMPLES,
+        hessian_spread=DATASET_HESSIAN_SPREAD,
+        optimum_spread=DATASET_OPTIMUM_SPREAD,
+        seed=seed,
+        dtype=torch.float32,
+    )
+    n_train = DATASET_SAMPLES - int(test_fraction * DATASET_SAMPLES)
+    features = torch.stack([worker.tensors[0] for worker in workers])  # (P, n, d)
+    targets = torch.stack([worker.tensors[1] for worker in workers])  # (P, n, 1)
+    central = CentralDataset(
+        train_x=features[:, :n_train].reshape(-1, DATASET_FEATURES),
+        train_y=targets[:, :n_train].reshape(-1, 1),
+        test_x=features[:, n_train:].reshape(-1, DATASET_FEATURES),
+        test_y=targets[:, n_train:].reshape(-1, 1),
+        num_classes=1,
+        task="regression",
+    )
+    return central, [np.arange(p * n_train, (p + 1) * n_train) for p in range(num_clients)]

@@ -1,8 +1,7 @@
-"""Small reference models, named in a config (``fedsim.registry.MODELS``).
+"""Small models for tests, benchmarks and CPU runs: ``cnn``, ``mlp``, ``logreg``.
 
-Any ``nn.Module`` works with fedsim's clients; these exist so a run can be
-described in a TOML file. ``cnn`` on 1x28x28 inputs has 105,866 parameters, the
-size of the engine benchmark's workload.
+``cnn`` on 1x28x28 inputs has 105,866 parameters, the size of the engine
+benchmark's workload.
 """
 
 from math import prod
@@ -12,7 +11,7 @@ from torch import nn
 
 def cnn(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) -> nn.Module:
     """Two 3x3 conv blocks (16, 32 channels; each halves the resolution), then two linears."""
-    channels, height, width = _image_shape(input_shape)
+    channels, height, width = image_shape("cnn", input_shape, smallest=4)
     flat = 32 * (height // 4) * (width // 4)
     return nn.Sequential(
         nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -39,10 +38,11 @@ def logreg(input_shape: tuple[int, ...], num_classes: int, *, hidden: int = 64) 
     return nn.Sequential(nn.Flatten(), nn.Linear(prod(input_shape), num_classes))
 
 
-def _image_shape(input_shape: tuple[int, ...]) -> tuple[int, int, int]:
-    if len(input_shape) != 3 or min(input_shape[1:]) < 4:
+def image_shape(model: str, input_shape: tuple[int, ...], *, smallest: int) -> tuple[int, int, int]:
+    """Return ``(channels, height, width)``, or say in one line why ``model`` cannot take it."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < smallest:
         raise ValueError(
-            f"model 'cnn' needs image inputs (channels, height>=4, width>=4), got {input_shape}; "
-            "use 'mlp' or 'logreg' for vector data"
+            f"model {model!r} needs image inputs (channels, height>={smallest}, "
+            f"width>={smallest}), got {input_shape}; use 'mlp' or 'logreg' for vector data"
         )
     return input_shape[0], input_shape[1], input_shape[2]
