@@ -20,7 +20,7 @@ import logging
 import shlex
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from pathlib import Path
 from typing import TypeVar
 
@@ -287,14 +287,17 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
         from fedsim.results import check_run_folder
 
         check_run_folder(config, resume=False, overwrite=args.overwrite)
-        run_config = {**deployed_run_config(config), "overwrite": args.overwrite}
+        from fedsim.deploy.localhost import app_config_keys
+
+        app_dir = Path(__file__).resolve().parents[1]  # the repository: its pyproject is the app
+        declared = app_config_keys(app_dir)
+        run_config = {**deployed_run_config(config, declared), "overwrite": args.overwrite}
     except ConfigError as exc:
         console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     from fedsim.deploy.localhost import DeploymentError, LocalFederation
 
     run_dir = config.run_dir.resolve()
-    app_dir = Path(__file__).resolve().parents[1]  # the repository: its pyproject is the app
     if args.insecure:
         print(
             "fedsim deploy: WARNING --insecure: no TLS and no SuperNode authentication; "
@@ -379,18 +382,24 @@ def _split(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def deployed_run_config(config: RunConfig) -> dict[str, str | int | float | bool]:
-    """Return Flower's flat ``run_config`` for ``config``: the keys that differ from defaults.
+def deployed_run_config(
+    config: RunConfig, declared: Set[str] = frozenset()
+) -> dict[str, str | int | float | bool]:
+    """Return Flower's flat ``run_config`` for ``config``: what the app would not know.
 
-    ``output_dir`` is made absolute, because the ServerApp runs in the SuperLink's
-    folder, not here; ``name`` and ``output_dir`` are always given.
+    That is every key that differs from fedsim's defaults, and every key the app
+    declares (``declared``, its ``[tool.flwr.app.config]``): the app's value of a
+    declared key may differ from fedsim's default, so a config that sets the
+    default must say so. ``output_dir`` is made absolute, because the ServerApp runs
+    in the SuperLink's folder, not here; ``name`` and ``output_dir`` are always given.
     """
     from fedsim.config import flatten
 
     defaults = flatten(RunConfig())
     flat = flatten(config)
     flat["output_dir"] = str(config.run_dir.resolve().parent)
-    changed = {k: v for k, v in flat.items() if v != defaults.get(k) or k in {"name", "output_dir"}}
+    given = {"name", "output_dir", *declared}
+    changed = {k: v for k, v in flat.items() if v != defaults.get(k) or k in given}
     kept = {k: v for k, v in changed.items() if isinstance(v, str | int | float | bool)}
     if dropped := sorted(set(changed) - set(kept)):
         raise ConfigError(f"{', '.join(dropped)}: a Flower run config holds only scalars")

@@ -17,6 +17,7 @@ import torch
 from fedsim.cli import EXIT_BAD_INPUT, deployed_run_config, main
 from fedsim.config import load_config
 from fedsim.data.node_files import load_partition
+from fedsim.deploy.localhost import app_config_keys
 from fedsim.experiment import federated_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +57,14 @@ def test_deploy_runs_the_demo_on_three_supernodes_reading_their_own_files(tmp_pa
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["engine"] == "flwr-run"
     assert summary["rounds"] == 1 and summary["failures"] == 0
+    # The nodes' own files hold the partitions the inline engine computes itself.
+    inline = ["run", str(DEMO), "--set", "data.num_clients=3", "--set", "engine.torch_threads=1"]
+    inline += [*sets, "--set", 'name="inline"', "--set", f'output_dir="{tmp_path}"']
+    assert main(inline) == 0
+    deployed = torch.load(run / "model.pt", weights_only=True)
+    expected = torch.load(tmp_path / "inline" / "model.pt", weights_only=True)
+    assert deployed.keys() == expected.keys()
+    assert all(torch.equal(deployed[name], expected[name]) for name in expected)
 
 
 def test_run_config_holds_the_changed_keys_an_absolute_folder_and_one_client_per_node(
@@ -70,6 +79,17 @@ def test_run_config_holds_the_changed_keys_an_absolute_folder_and_one_client_per
     assert run_config["name"] == "demo" and run_config["rounds"] == 1
     assert run_config["data.num_clients"] == 3 and run_config["model.name"] == "mlp"
     assert "engine.name" not in run_config  # a default stays out
+
+
+def test_a_default_the_app_declares_otherwise_is_sent() -> None:
+    # The app's pyproject declares client.local_epochs = 5; a config asking for fedsim's
+    # default, 1, must send it, or the deployed run would train 5 epochs.
+    config = load_config(DEMO, ["client.local_epochs=1"])
+    declared = app_config_keys(REPO)
+    assert "client.local_epochs" in declared
+
+    assert deployed_run_config(config, declared)["client.local_epochs"] == 1
+    assert "client.local_epochs" not in deployed_run_config(config)  # what it did before
 
 
 def test_node_data_missing_a_nodes_file_is_refused_in_one_line(

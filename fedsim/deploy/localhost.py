@@ -459,17 +459,22 @@ def _toml_value(value: ConfigValue) -> str:
     return json.dumps(value)  # a JSON string is a TOML basic string
 
 
+def app_config_keys(app_dir: Path) -> set[str]:
+    """Return the run-config keys the app in ``app_dir`` declares (``[tool.flwr.app.config]``)."""
+    text = (app_dir / "pyproject.toml").read_text()
+    return _flat(tomllib.loads(text)["tool"]["flwr"]["app"].get("config", {}))
+
+
 def _staged_app(app_dir: Path, run_config: Mapping[str, ConfigValue], out: Path) -> Path | None:
     """Return a copy of the app's pyproject.toml declaring ``run_config``'s missing keys.
 
     None if the app's ``[tool.flwr.app.config]`` already lists every key.
     """
-    text = (app_dir / "pyproject.toml").read_text()
-    declared = tomllib.loads(text)["tool"]["flwr"]["app"].get("config", {})
-    missing = {k: v for k, v in run_config.items() if k not in _flat(declared)}
+    declared = app_config_keys(app_dir)
+    missing = {k: v for k, v in run_config.items() if k not in declared}
     if not missing:
         return None
-    lines = text.splitlines()
+    lines = (app_dir / "pyproject.toml").read_text().splitlines()
     at = lines.index(APP_CONFIG_HEADER) + 1
     lines[at:at] = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in missing.items()]
     out.mkdir(parents=True, exist_ok=True)
