@@ -103,7 +103,7 @@ def test_a_model_and_a_dataset_by_import_path_train(folder: Path) -> None:
         ({"data": {"params": {}}}, "data.params.samples is required"),
         ({"data": {"params": {"samples": 9, "seed": 1}}}, "fedsim sets 'seed' itself"),
         # A zoo model's knobs are params too, checked the same way.
-        ({"model": {"name": "mlp", "params": {"width": 3}}}, "unknown parameter 'model.params.width'"),
+        ({"model": {"name": "mlp", "params": {"width": 3}}}, "parameter 'model.params.width'"),
         ({"data": {"dataset": "digit"}}, "did you mean 'digits'"),
     ],
 )

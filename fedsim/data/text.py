@@ -19,7 +19,7 @@ import string
 import numpy as np
 import torch
 
-from fedsim.data.datasets import CentralDataset
+from fedsim.data.datasets import CentralDataset, DatasetUnavailableError
 
 VOCABULARY = string.printable
 WINDOW = 80  # characters per sample, the FedAvg paper's unroll length
@@ -28,7 +28,13 @@ _IDS = {char: i + 1 for i, char in enumerate(VOCABULARY)}  # 0: out of vocabular
 
 def topics() -> dict[str, str]:
     """Return the documentation topics of the running Python, by name."""
-    from pydoc_data.topics import topics as text_by_topic
+    try:
+        from pydoc_data.topics import topics as text_by_topic
+    except ImportError as err:  # some distributions split the standard library's docs off
+        raise DatasetUnavailableError(
+            "dataset 'pydocs' needs the standard library's pydoc_data package, which this "
+            "Python installation lacks (some distributions ship it separately)"
+        ) from err
 
     return dict(sorted(text_by_topic.items()))
 
