@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
         check_run_folder(config, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
-        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _config_error(console, exc)
         return EXIT_BAD_INPUT
     from fedsim.runner import run_experiment  # heavy imports only once the config is valid
 
@@ -67,15 +67,30 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         if args.debug:
             raise
         where = _results_so_far(config)
+        reason = escape(_one_line(f"{type(exc).__name__}: {exc}{where}"))
         console.print(
-            f"[red]fedsim: run failed:[/red] {type(exc).__name__}: {exc}{where} "
-            "(rerun with --debug for the traceback)",
+            f"[red]fedsim: run failed:[/red] {reason} (rerun with --debug for the traceback)",
             highlight=False,
             soft_wrap=True,
         )
         return EXIT_FAILED
     _print_summary(console, config, summary)
     return 0
+
+
+def _config_error(console: Console, exc: ConfigError) -> None:
+    """Print a config error in one line, as written: its text is data, not rich markup.
+
+    A value such as ``[/x]`` would otherwise be read as a markup tag (and raise),
+    and a key with a line break would break the line.
+    """
+    text = escape(_one_line(str(exc)))
+    console.print(f"[red]fedsim: config error:[/red] {text}", highlight=False, soft_wrap=True)
+
+
+def _one_line(text: str) -> str:
+    r"""Return ``text`` with its line breaks written as ``\n``, as ``repr`` writes them."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def _results_so_far(config: RunConfig) -> str:
@@ -293,7 +308,7 @@ def _deploy(args: argparse.Namespace, console: Console) -> int:
         declared = app_config_keys(app_dir)
         run_config = {**deployed_run_config(config, declared), "overwrite": args.overwrite}
     except ConfigError as exc:
-        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _config_error(console, exc)
         return EXIT_BAD_INPUT
     from fedsim.deploy.localhost import DeploymentError, LocalFederation
 
@@ -362,7 +377,7 @@ def _split(args: argparse.Namespace, console: Console) -> int:
     try:
         config = load_config(args.config, args.set)
     except ConfigError as exc:
-        console.print(f"[red]fedsim: config error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _config_error(console, exc)
         return EXIT_BAD_INPUT
     from fedsim.data.node_files import write_partition_files
     from fedsim.experiment import federated_data
@@ -447,6 +462,8 @@ def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:
         if value is None:
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        if key == "failures" and (kinds := summary.get("failures_by_kind")):
+            table.add_row("  by kind", ", ".join(f"{kind} {n}" for kind, n in kinds.items()))
     table.add_row("results", f"{config.run_dir}/")
     Console().print(table)
 

@@ -288,6 +288,39 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Faults injected on purpose, counted per kind (``fedsim.faults``; off by default).
+
+    ``kinds`` is a comma-separated list of ``raise``, ``hang``, ``nan``, ``inf``,
+    ``shape``, ``dtype``, ``huge``, ``missing`` and (on the Ray engine) ``kill``.
+    """
+
+    # Fraction of the clients sampled for training that fault each round (0: none).
+    fraction: float = _rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    # What a faulty client does, drawn uniformly per faulty client and round.
+    kinds: str = "raise"
+    # How long a 'hang' sleeps; it must exceed engine.timeout_s.
+    hang_s: float = _positive(5.0)
+
+    @property
+    def kind_list(self) -> tuple[str, ...]:
+        """``kinds`` split at its commas."""
+        return tuple(kind.strip() for kind in self.kinds.split(",") if kind.strip())
+
+    def __post_init__(self) -> None:
+        from fedsim.faults import FAULT_KINDS  # it imports records, not this module
+
+        for kind in self.kind_list:
+            if kind not in FAULT_KINDS:
+                close = difflib.get_close_matches(kind, FAULT_KINDS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"faults.kinds: {kind!r} is not a fault{hint}; choose from "
+                    f"{', '.join(FAULT_KINDS)}"
+                )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
 
@@ -318,6 +351,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         for key in ("clients_per_round", "evaluate_clients"):
@@ -326,6 +360,17 @@ class RunConfig:
                     f"strategy.{key} = {getattr(self.strategy, key)} exceeds "
                     f"data.num_clients = {self.data.num_clients}"
                 )
+        kinds = self.faults.kind_list if self.faults.fraction > 0 else ()
+        if "kill" in kinds and self.engine.name != "ray":
+            raise ConfigError(
+                f"faults.kinds: 'kill' kills the client's worker process, which only the Ray "
+                f"engine has; engine.name = {self.engine.name!r} runs clients in this process"
+            )
+        if "hang" in kinds and self.faults.hang_s <= self.engine.timeout_s:
+            raise ConfigError(
+                f"faults.hang_s = {self.faults.hang_s} must exceed engine.timeout_s = "
+                f"{self.engine.timeout_s} for a 'hang' to time out"
+            )
 
     @property
     def run_dir(self) -> Path:

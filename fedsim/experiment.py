@@ -17,15 +17,23 @@ from flwr.serverapp.strategy import Strategy
 from torch.utils.data import Dataset, TensorDataset
 
 from fedsim import keys
-from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod, HoldsServerModel
+from fedsim.algorithm import STANDARD_MESSAGE_TYPES, ClientMod, HoldsServerModel, message_types
+from fedsim.atomic import replacing
 from fedsim.clients import TorchTask
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.training import evaluate
-from fedsim.composition import loss_function, model_factory, plugin_dataset, plugin_strategy
+from fedsim.composition import (
+    loss_function,
+    model_factory,
+    plugin_dataset,
+    plugin_strategy,
+    strategy_class,
+)
 from fedsim.config import DataConfig, DevicesConfig, RunConfig
 from fedsim.data import FederatedData, build_federated_data
 from fedsim.data.datasets import CentralDataset
 from fedsim.data.federated import load_central, partitioned
+from fedsim.faults import FaultPlan
 from fedsim.loop import EvaluateFn, RoundObserver, run_rounds
 from fedsim.progress import ProgressBar
 from fedsim.registry import is_import_path, resolve, takes_params
@@ -167,14 +175,22 @@ def build_strategy(config: RunConfig) -> Strategy:
 
 
 def client_mods(config: RunConfig) -> list[ClientMod]:
-    """Return the client mods the config asks for (local privatization).
+    """Return the client mods the config asks for: injected faults, local privatization.
 
-    The separated privatizer rewrites the model a plain ``train`` reply carries and
-    lets ``evaluate`` replies (metrics only) pass: those are the types it handles.
+    Faults come first, outermost, so they corrupt what would leave the device; they
+    handle every message type the strategy sends. The separated privatizer
+    rewrites the model a plain ``train`` reply carries and lets ``evaluate``
+    replies (metrics only) pass: those are the types it handles.
     """
+    mods = []
+    faults = config.faults
+    if faults.fraction > 0:
+        plan = FaultPlan(faults.fraction, faults.kind_list, config.seed, faults.hang_s)
+        sent = message_types([strategy_class(config)])
+        mods.append(ClientMod(plan.mod(), handles=sent, name="fault injection"))
     privacy = config.privacy
     if not privacy.local_dp:
-        return []
+        return mods
     from fedsim.clients.private_update import (  # loads SciPy: only when asked for
         SeparatedPrivatization,
         separated_privatization_mod,
@@ -188,7 +204,7 @@ def client_mods(config: RunConfig) -> list[ClientMod]:
             levels=privacy.magnitude_levels,
         )
     )
-    return [ClientMod(mod, handles=STANDARD_MESSAGE_TYPES, name="local privatization")]
+    return [*mods, ClientMod(mod, handles=STANDARD_MESSAGE_TYPES, name="local privatization")]
 
 
 def _base_strategy(config: RunConfig) -> Strategy:
@@ -350,5 +366,6 @@ def run_on_grid(
     finally:
         summary = recorder.finish(status, engine=engine, **engine_info)
     if arrays is not None:
-        torch.save(arrays.to_torch_state_dict(), config.run_dir / MODEL_FILE)
+        with replacing(config.run_dir / MODEL_FILE) as partial:  # complete, or absent
+            torch.save(arrays.to_torch_state_dict(), partial)
     return summary

@@ -18,6 +18,7 @@ code below, so counting, timing and seeding never depend on the strategy.
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol, runtime_checkable
@@ -27,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsim.checkpoint import RunCheckpoint
+from fedsim.engine.execute import failure_kind
 from fedsim.engine.replies import StreamingGrid, in_node_order, streams_replies
 from fedsim.records import records_of
 
@@ -79,13 +81,19 @@ class RoundReport:
     downlink_floats: int = 0
     uplink_floats: int = 0
     privacy: Mapping[str, float] = field(default_factory=dict)
+    # Error replies by kind (fedsim.engine.execute.failure_kind); they sum to ``failures``.
+    failure_kinds: Mapping[str, int] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, object]:
-        """Return a flat JSON-ready row with ``train_*``, ``evaluate_*``, ``central_*`` metrics."""
-        groups = ("train", "evaluate", "central", "privacy")
+        """Return a flat JSON-ready row: ``train_*``, ``evaluate_*``, ``central_*``, ``failures_*``.
+
+        ``failures_<kind>`` counts the round's error replies of each kind.
+        """
+        groups = {"train": "train", "evaluate": "evaluate", "central": "central",
+                  "privacy": "privacy", "failure_kinds": "failures"}  # fmt: skip
         row = {k: v for k, v in asdict(self).items() if k not in groups}
-        for group in groups:
-            row.update({f"{group}_{k}": v for k, v in getattr(self, group).items()})
+        for group, prefix in groups.items():
+            row.update({f"{prefix}_{k}": v for k, v in getattr(self, group).items()})
         return row
 
 
@@ -127,6 +135,7 @@ class _Traffic:
 
     def __init__(self) -> None:
         self.exchanges = self.replies = self.failures = 0
+        self.failure_kinds: Counter[str] = Counter()
         self.downlink_floats = self.uplink_floats = 0
         self.last_exchange_size = 0
 
@@ -148,6 +157,7 @@ class _Traffic:
             self.replies += 1
             if reply.has_error():
                 self.failures += 1
+                self.failure_kinds[failure_kind(reply.error)] += 1
             else:
                 self.uplink_floats += _floats_in(reply.content)
             yield reply
@@ -317,6 +327,7 @@ def run_rounds(
             downlink_floats=traffic.downlink_floats,
             uplink_floats=traffic.uplink_floats,
             privacy=dict(strategy.privacy()) if isinstance(strategy, ReportsPrivacy) else {},
+            failure_kinds=dict(sorted(traffic.failure_kinds.items())),
         )
         _notify(observers, report)
         if checkpoint is not None:

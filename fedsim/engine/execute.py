@@ -44,7 +44,8 @@ def run_client_app(
     """Execute ``message`` on ``client_app``; never raise.
 
     Whatever goes wrong in a client (an exception, a reply to the wrong message, a
-    non-finite metric or, with ``check_finite_arrays``, a NaN or Inf in its arrays)
+    non-finite metric or, with ``check_finite_arrays``, a NaN or Inf in its arrays;
+    an ArrayRecord whose arrays differ from the instruction's of the same name)
     comes back as an error reply, which strategies count and skip, so a faulty
     client can neither crash the run nor poison the global model. Flower's runtimes
     pass arrays through unchecked, and one NaN update turns the model of every
@@ -73,10 +74,16 @@ def run_client_app(
         return error_reply(
             message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"non-finite metric {bad!r}"
         )
-    if check_finite_arrays and (bad := non_finite_array(reply.content)):
+    try:
+        bad = non_finite_array(reply.content) if check_finite_arrays else None
+    except UnreadableArrayError as exc:  # bytes that are no array: a client's bug, not ours
+        return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc))
+    if bad:
         return error_reply(
             message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"non-finite values in array {bad}"
         )
+    if mismatch := mismatched_arrays(message.content, reply.content):
+        return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, mismatch)
     return reply
 
 
@@ -95,22 +102,94 @@ def _non_finite_metric(content: RecordDict) -> str | None:
     for record in records_of(content, MetricRecord).values():
         for name, value in record.items():
             values = value if isinstance(value, list) else [value]
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            if not all(_finite(v) for v in values):
                 return name
     return None
+
+
+def _finite(value: object) -> bool:
+    """Whether a metric is a finite number; an integer beyond float64's range is not."""
+    try:
+        return math.isfinite(value) if isinstance(value, int | float) else True
+    except OverflowError:
+        return False
+
+
+class UnreadableArrayError(ValueError):
+    """A reply's array holds bytes that are no array of its dtype and shape."""
 
 
 def non_finite_array(content: RecordDict) -> str | None:
     """Name the first array (``record/entry``) holding a NaN or an Inf, if any.
 
     Only NumPy payloads are read: raw bytes (a serialized XGBoost model, say) have
-    no floats to check.
+    no floats to check. A NumPy payload that cannot be read (its bytes, dtype and
+    shape disagree) raises :class:`UnreadableArrayError`, in one line naming it.
     """
     for record_name, record in records_of(content, ArrayRecord).items():
         for name, array in record.items():
             if array.stype != SType.NUMPY:
                 continue
-            values = decode(array)
+            try:
+                values = decode(array)
+            except Exception as exc:  # noqa: BLE001 - NumPy raises several kinds
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                raise UnreadableArrayError(
+                    f"malformed reply: array {record_name}/{name} cannot be read ({reason})"
+                ) from None
             if values.dtype.kind in "fc" and not np.isfinite(values).all():
                 return f"{record_name}/{name}"
     return None
+
+
+#: Prefix of the reason of a reply whose arrays do not match the instruction's.
+MALFORMED = "malformed reply"
+#: Prefix of the reason of a reply the exchange's deadline cut off.
+TIMEOUT = "round timeout expired"
+
+
+def mismatched_arrays(sent: RecordDict, replied: RecordDict) -> str | None:
+    """Say how a reply's ArrayRecord differs from the instruction's of the same name, if it does.
+
+    An ArrayRecord a client sends back under the name of one it received (the
+    model under ``arrays``, SCAFFOLD's control variate) holds the same arrays: the
+    same names, shapes and dtypes. Every shipped strategy keeps to it, and a reply
+    that breaks it (an array missing, reshaped, cast or added) would fail the
+    strategy's aggregation or, worse, slip through a lenient one. Records under new
+    names (GS-WGAN's image gradients, secure aggregation's masked vectors) are the
+    strategy's to check.
+    """
+    received = records_of(sent, ArrayRecord)
+    for name, record in records_of(replied, ArrayRecord).items():
+        if name not in received:
+            continue
+        expected = {k: (tuple(a.shape), a.dtype) for k, a in received[name].items()}
+        got = {k: (tuple(a.shape), a.dtype) for k, a in record.items()}
+        if got == expected:
+            continue
+        if got.keys() != expected.keys():
+            extra, missing = sorted(got.keys() - expected), sorted(expected.keys() - got)
+            return f"{MALFORMED}: {name!r} adds {extra} and lacks {missing}"
+        bad = next(k for k in expected if got[k] != expected[k])
+        return f"{MALFORMED}: {name}/{bad} is {got[bad]}, sent as {expected[bad]}"
+    return None
+
+
+def failure_kind(error: Error) -> str:
+    """Classify an error reply for the per-kind failure counts of a round.
+
+    ``raised`` (the ClientApp raised), ``non-finite``, ``malformed`` (see
+    :func:`mismatched_arrays`), ``timeout`` (the exchange's deadline passed),
+    ``crashed`` (its worker process died), ``unavailable`` (a simulated device
+    was offline or late) or ``other``.
+    """
+    reason = error.reason or ""
+    if error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION:
+        if reason.startswith(MALFORMED):
+            return "malformed"
+        return "non-finite" if reason.startswith("non-finite") else "raised"
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "timeout" if reason.startswith(TIMEOUT) else "unavailable"
+    if error.code == ErrorCode.CLIENT_APP_CRASHED:
+        return "crashed"
+    return "other"

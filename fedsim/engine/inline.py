@@ -8,7 +8,7 @@ from flwr.app import Message, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
+from fedsim.engine.execute import TIMEOUT, assign_message_id, error_reply, run_client_app
 from fedsim.engine.simulated import SimulatedGrid
 
 
@@ -76,7 +76,8 @@ class InlineGrid(SimulatedGrid):
         """Run each message as the returned iterator is consumed.
 
         ``timeout`` bounds the whole exchange: an inline client cannot be
-        interrupted, so messages not yet started when it expires get a
+        interrupted, so the client running when it expires finishes, but its
+        reply is late and replaced, and messages not yet started get a
         ``NODE_UNAVAILABLE`` error reply instead of running.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -84,9 +85,12 @@ class InlineGrid(SimulatedGrid):
         for message in messages:
             assign_message_id(message)
             if deadline is not None and time.monotonic() > deadline:
-                yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
-            else:
-                yield self._execute(message)
+                yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, TIMEOUT)
+                continue
+            reply = self._execute(message)
+            if deadline is not None and time.monotonic() > deadline:
+                reply = error_reply(message, ErrorCode.NODE_UNAVAILABLE, f"{TIMEOUT}: late reply")
+            yield reply
 
     def _execute(self, message: Message) -> Message:
         context = self.nodes.context(message.metadata.dst_node_id)

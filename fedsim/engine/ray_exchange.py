@@ -17,7 +17,7 @@ from flwr.app import Message
 from flwr.common.constant import ErrorCode
 
 from fedsim.engine.devices import array_bytes
-from fedsim.engine.execute import error_reply
+from fedsim.engine.execute import TIMEOUT, error_reply
 
 if TYPE_CHECKING:
     from fedsim.engine.ray_grid import RayGrid
@@ -173,9 +173,9 @@ class Exchange:
         """Answer every unfinished message with ``NODE_UNAVAILABLE``; replace busy actors."""
         for batch, _ in self.tasks.values():
             for message in batch:
-                yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
+                yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, TIMEOUT)
         for message in self.queue:
-            yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
+            yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, TIMEOUT)
         for actor in {actor for _, actor in self.tasks.values()}:
             self.replace(actor)
 

@@ -32,7 +32,7 @@ from flwr.app import Context, Message, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedsim.engine.execute import assign_message_id, error_reply, run_client_app
+from fedsim.engine.execute import TIMEOUT, assign_message_id, error_reply, run_client_app
 from fedsim.engine.simulated import SimulatedGrid
 
 _worker = threading.local()
@@ -118,8 +118,9 @@ class ThreadedGrid(SimulatedGrid):
         """Run the messages on the workers; yield each reply as it is ready.
 
         ``timeout`` bounds the whole exchange: running clients cannot be
-        interrupted, so messages not started when it expires get a
-        ``NODE_UNAVAILABLE`` error reply instead of running.
+        interrupted, so those running when it expires finish, but their replies are
+        late and replaced, and messages not started get a ``NODE_UNAVAILABLE``
+        error reply instead of running.
         """
         queued = deque(messages)
         for message in queued:
@@ -145,10 +146,14 @@ class ThreadedGrid(SimulatedGrid):
                 # Past the deadline only running clients are left: wait for them, do not spin.
                 left = None if deadline is None or expired else deadline - time.monotonic()
                 done, _ = wait(running, timeout=left, return_when=FIRST_COMPLETED)
+                late = deadline is not None and time.monotonic() > deadline
                 for future in done:
                     message = running.pop(future)
                     reply, seconds = future.result()
                     self.compute_seconds[message.metadata.message_id] = seconds
+                    if late:
+                        reason = f"{TIMEOUT}: late reply"
+                        reply = error_reply(message, ErrorCode.NODE_UNAVAILABLE, reason)
                     yield reply
         finally:  # the strategy stopped early: nothing may touch a context after this
             for future in running:
@@ -179,7 +184,7 @@ class ThreadedGrid(SimulatedGrid):
         """Answer every message that has not started with a timeout error."""
         unstarted = [future for future in running if future.cancel()]
         for message in [running.pop(future) for future in unstarted] + list(queued):
-            yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, "round timeout expired")
+            yield error_reply(message, ErrorCode.NODE_UNAVAILABLE, TIMEOUT)
         queued.clear()
 
     def _execute(self, message: Message, context: Context) -> tuple[Message, float]:
