@@ -42,6 +42,27 @@ class Saved:
     grid: dict[str, Any] | None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read back (cut short, damaged, or not a checkpoint)."""
+
+
+def _checked(state: object, path: Path) -> Saved:
+    """Return ``state`` as :class:`Saved` if it has a checkpoint's fields and types."""
+    fields = {"round", "arrays", "strategy", "grid"}
+    if not isinstance(state, dict) or state.keys() != fields:
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} holds {got}, not a checkpoint's {sorted(fields)}")
+    round_ = state["round"]
+    if not (isinstance(round_, int) and not isinstance(round_, bool) and round_ >= 0):
+        raise CheckpointError(f"{path}: its round is {round_!r}, not an integer >= 0")
+    if not isinstance(state["arrays"], ArrayRecord):
+        raise CheckpointError(f"{path}: its arrays are a {type(state['arrays']).__name__}")
+    for part in ("strategy", "grid"):
+        if not isinstance(state[part], dict | None):
+            raise CheckpointError(f"{path}: its {part} state is a {type(state[part]).__name__}")
+    return Saved(**state)
+
+
 class RunCheckpoint:
     """One run's checkpoint file, written atomically after every ``every`` rounds."""
 
@@ -51,11 +72,20 @@ class RunCheckpoint:
         self.path, self.every = Path(path), every
 
     def load(self) -> Saved | None:
-        """Return the saved state, or ``None`` when there is no checkpoint."""
+        """Return the saved state, or ``None`` when there is no checkpoint.
+
+        A file that is not a whole checkpoint (cut short, damaged, something else)
+        raises :class:`CheckpointError`, in one line naming it.
+        """
         if not self.path.exists():
             return None
-        # Our own file (pickled records and arrays), hence weights_only=False.
-        return Saved(**torch.load(self.path, weights_only=False))
+        try:
+            # Our own file (pickled records and arrays), hence weights_only=False.
+            state = torch.load(self.path, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - torch, zipfile and pickle raise many kinds
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise CheckpointError(f"{self.path} is not a readable checkpoint ({reason})") from None
+        return _checked(state, self.path)
 
     def save(self, round_: int, arrays: ArrayRecord, strategy: object, grid: object) -> None:
         """Save after ``round_`` if it is due; a crash mid-write keeps the previous file."""

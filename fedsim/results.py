@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedsim.checkpoint import RunCheckpoint
+from fedsim.checkpoint import CheckpointError, RunCheckpoint
 from fedsim.config import ConfigError, RunConfig
 from fedsim.loop import RoundReport
 
@@ -82,10 +82,13 @@ def check_resumable(config: RunConfig) -> int:
     can also extend a finished one).
     """
     checkpoint = checkpoint_of(config, resume=True)
-    saved = checkpoint.load() if checkpoint is not None else None
+    try:
+        saved = checkpoint.load() if checkpoint is not None else None
+    except CheckpointError as exc:
+        raise ConfigError(f"cannot resume {config.run_dir}/: {exc}") from None
     if saved is None:
         raise ConfigError(f"nothing to resume: no {CHECKPOINT_FILE} in {config.run_dir}/")
-    before = json.loads((config.run_dir / CONFIG_FILE).read_text())
+    before = _saved_config(config.run_dir / CONFIG_FILE)
     now = json.loads(json.dumps(asdict(config)))
     changed = sorted(
         key
@@ -102,6 +105,19 @@ def check_resumable(config: RunConfig) -> int:
             f"the run already has {saved.round} rounds; set rounds > {saved.round} to extend it"
         )
     return saved.round
+
+
+def _saved_config(path: Path) -> dict[str, Any]:
+    """Return a run's saved ``config.json``; raise ``ConfigError`` if it is not a JSON table."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        what = f"its {path.name} is unreadable ({reason})"
+        raise ConfigError(f"cannot resume {path.parent}/: {what}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"cannot resume {path.parent}/: its {path.name} is not a JSON table")
+    return saved
 
 
 class RunRecorder:

@@ -9,9 +9,16 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
+from fedsim.arrays import decode
+
 
 class InvalidReplyError(ValueError):
     """A client's reply cannot be aggregated; the strategy skips it."""
+
+
+# A term's weight times its largest magnitude stays below this, so that the float64
+# sum of up to 2**32 terms (and the sum of their weights) cannot overflow.
+_TERM_LIMIT = float(np.finfo(np.float64).max) / 2**32
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,7 @@ class Term:
     tensors: dict[str, torch.Tensor]  # views of ``values``, as the sums read them
     shapes: dict[str, tuple[int, ...]]
     weight: float
+    dtypes: dict[str, np.dtype]  # the mean's dtypes, whose range the values were checked against
 
 
 class WeightedMean:
@@ -39,12 +47,21 @@ class WeightedMean:
     template
         Expected shape of every entry; a term with other names or shapes is
         rejected before it touches the sum. ``None`` takes the first term's shapes.
+    dtypes
+        The mean's dtype of every entry (the model's); ``None`` takes the first
+        term's. A term with values outside an entry's range (a float64 1e300 for
+        a float32 model) is rejected: the mean's cast would make it infinite.
     """
 
-    def __init__(self, template: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        template: Mapping[str, tuple[int, ...]] | None = None,
+        *,
+        dtypes: Mapping[str, np.dtype] | None = None,
+    ) -> None:
         self._shapes = dict(template) if template is not None else None
         self._sums: dict[str, torch.Tensor] = {}
-        self._dtypes: dict[str, np.dtype] = {}
+        self._dtypes: dict[str, np.dtype] = dict(dtypes) if dtypes is not None else {}
         self.total_weight = 0.0
         self.count = 0
 
@@ -57,7 +74,8 @@ class WeightedMean:
         to add.
         """
         tensors = _tensors(values)
-        return Term(values, tensors, self._checked(tensors, weight), weight)
+        dtypes = self._dtypes or {name: np.asarray(value).dtype for name, value in values.items()}
+        return Term(values, tensors, self._checked(tensors, weight, dtypes), weight, dtypes)
 
     def add(self, values: Mapping[str, np.ndarray], weight: float) -> None:
         """Add ``weight * values``; if invalid, raise and change nothing.
@@ -70,15 +88,16 @@ class WeightedMean:
         """Add a term :meth:`check` returned, unless another term fixed other shapes since."""
         if self._shapes is not None and term.shapes != self._shapes:
             raise InvalidReplyError("term was checked against other shapes than this mean's")
+        if self._dtypes and term.dtypes != self._dtypes:
+            raise InvalidReplyError("term was checked against other dtypes than this mean's")
         if term.weight == 0:
             return
-        self._shapes = term.shapes
+        self._shapes, self._dtypes = term.shapes, term.dtypes
         for name, tensor in term.tensors.items():
             if name not in self._sums:
                 self._sums[name] = torch.zeros(term.shapes[name], dtype=torch.float64)
-                self._dtypes[name] = np.asarray(term.values[name]).dtype
-            self._sums[name].add_(tensor, alpha=term.weight)
-        self.total_weight += term.weight
+            self._sums[name].add_(tensor, alpha=float(term.weight))  # an int may exceed int64
+        self.total_weight += float(term.weight)
         self.count += 1
 
     def mean(self) -> dict[str, np.ndarray]:
@@ -91,11 +110,12 @@ class WeightedMean:
         }
 
     def _checked(
-        self, terms: Mapping[str, torch.Tensor], weight: float
+        self, terms: Mapping[str, torch.Tensor], weight: float, dtypes: Mapping[str, np.dtype]
     ) -> dict[str, tuple[int, ...]]:
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+        if not (isinstance(weight, int | float) and finite_number(weight) and weight >= 0):
             raise InvalidReplyError(f"weight must be a finite number >= 0, got {weight!r}")
-        shapes = self._shapes or {name: tuple(term.shape) for name, term in terms.items()}
+        if (shapes := self._shapes) is None:  # not "or": an empty record fixes no entries too
+            shapes = {name: tuple(term.shape) for name, term in terms.items()}
         if terms.keys() != shapes.keys():
             missing, extra = sorted(set(shapes) - set(terms)), sorted(set(terms) - set(shapes))
             raise InvalidReplyError(
@@ -105,8 +125,13 @@ class WeightedMean:
             expected, shape = tuple(shapes[name]), tuple(term.shape)
             if shape != expected:
                 raise InvalidReplyError(f"{name!r} has shape {shape}, expected {expected}")
-            if not _all_finite(term):
+            peak = _peak(term)
+            if not math.isfinite(peak):
                 raise InvalidReplyError(f"{name!r} contains NaN or infinity")
+            if name in dtypes and peak > _largest(dtypes[name]):
+                raise InvalidReplyError(f"{name!r} holds {peak:.3g}, beyond {dtypes[name]}'s range")
+            if weight * peak > _TERM_LIMIT:
+                raise InvalidReplyError(f"{name!r}: weight {weight:.3g} x {peak:.3g} is too large")
         return shapes
 
 
@@ -116,7 +141,27 @@ def _tensors(values: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
     A term is converted once, for both its checks and its sum: per entry, the
     conversion costs more than a small layer's addition.
     """
-    return {name: torch.from_numpy(_numeric(value)) for name, value in values.items()}
+    return {name: torch.from_numpy(_numeric(name, value)) for name, value in values.items()}
+
+
+def reply_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Return a reply's arrays as numeric NumPy arrays; raise ``InvalidReplyError`` naming one.
+
+    A client's payload can be anything: bytes that are no ``.npy`` file, a shape or
+    dtype that lies about them, strings, complex numbers. Each is refused here,
+    once, rather than by whatever reads it first.
+    """
+    values = {}
+    for name, array in record.items():
+        try:
+            value = decode(array)
+        except Exception as exc:  # noqa: BLE001 - NumPy and Flower raise several kinds
+            reason = str(exc).splitlines()[0] if str(exc) else ""
+            raise InvalidReplyError(
+                f"{name!r} is not a readable array ({type(exc).__name__}: {reason})"
+            ) from None
+        values[name] = _numeric(name, value)
+    return values
 
 
 def _spend_read_only_warning() -> None:
@@ -139,23 +184,54 @@ def _spend_read_only_warning() -> None:
 _spend_read_only_warning()
 
 
-def _numeric(value: np.ndarray) -> np.ndarray:
-    """Return ``value`` as an array torch can view (non-numeric kinds as float64)."""
-    array = np.asarray(value)
-    return array if array.dtype.kind in "fiub" else array.astype(np.float64)
+def _numeric(name: str, value: np.ndarray) -> np.ndarray:
+    """Return ``value`` as an array torch can view; raise ``InvalidReplyError`` if not numbers.
 
-
-def _all_finite(term: torch.Tensor) -> bool:
-    """Whether every entry is finite, without a boolean copy of the tensor.
-
-    A sum is finite exactly when all entries are, unless finite entries overflow
-    it; only then does the exact (slower) test decide. torch sums float32 in
-    float32 (one pass, vectorized), which overflows sooner than a float64 sum but
-    is twice as fast where it does not.
+    Booleans, integers and floats are numbers; strings, complex numbers, dates and
+    records are not. A byte order other than the machine's (torch views only
+    native ones) and extended precision (torch has no such type) are converted.
     """
-    if math.isfinite(float(term.sum())):
-        return True
-    return bool(torch.isfinite(term).all())
+    array = np.asarray(value)
+    kind = array.dtype.kind
+    if kind not in "fiub":
+        raise InvalidReplyError(f"{name!r} has dtype {array.dtype}, not a number type")
+    if kind == "f" and array.dtype.itemsize > 8:
+        return array.astype(np.float64)  # an overflow to inf is refused as non-finite
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+_NO_AMINMAX = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _peak(term: torch.Tensor) -> float:
+    """Return the largest magnitude of ``term`` (NaN if it holds one, 0 if empty), in one pass.
+
+    ``aminmax`` reads the tensor once, as fast as a sum, without a copy; it
+    propagates NaN.
+    """
+    if term.numel() == 0:
+        return 0.0
+    if term.dtype in _NO_AMINMAX:
+        term = term.double()  # torch lacks the kernel; the bits are read once more
+    low, high = torch.aminmax(term)
+    return max(-float(low), float(high))
+
+
+def _largest(dtype: np.dtype) -> float:
+    """Return the largest magnitude an entry of ``dtype`` holds (integers: below it)."""
+    if dtype.kind == "f":
+        return float(np.finfo(dtype).max)
+    if dtype.kind in "iu":
+        return float(np.iinfo(dtype).max) - 1  # float64 rounds int64's max up to 2**63
+    return math.inf  # booleans: any number casts to True or False
+
+
+def finite_number(number: float) -> bool:
+    """Whether ``number`` is finite; an integer too large for a float is not."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def shapes_of(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
@@ -163,9 +239,20 @@ def shapes_of(record: ArrayRecord) -> dict[str, tuple[int, ...]]:
     return {name: tuple(array.shape) for name, array in record.items()}
 
 
+def dtypes_of(record: ArrayRecord) -> dict[str, np.dtype]:
+    """Return the NumPy dtype of each entry of an ArrayRecord (the server's own model)."""
+    return {name: np.dtype(array.dtype) for name, array in record.items()}
+
+
 def metric_values(record: MetricRecord, *, exclude: str) -> dict[str, np.ndarray]:
-    """Return a MetricRecord's numeric entries (lists as vectors), minus ``exclude``."""
-    return {name: np.asarray(v, dtype=np.float64) for name, v in record.items() if name != exclude}
+    """Return a MetricRecord's numeric entries (lists as vectors), minus ``exclude``.
+
+    Raise ``InvalidReplyError`` for an integer too large for a float.
+    """
+    try:
+        return {n: np.asarray(v, dtype=np.float64) for n, v in record.items() if n != exclude}
+    except OverflowError:
+        raise InvalidReplyError("a metric is an integer too large for a float") from None
 
 
 def to_metric_record(values: Mapping[str, np.ndarray]) -> MetricRecord:

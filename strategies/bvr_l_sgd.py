@@ -34,7 +34,7 @@ from flwr.serverapp import Grid
 from fedsim import keys
 from fedsim.arrays import to_array_record
 from fedsim.loop import TrainRound
-from fedsim.strategies.aggregation import shapes_of
+from fedsim.strategies.aggregation import dtypes_of, shapes_of
 from fedsim.strategies.local_sgd import LocalSGD
 from fedsim.strategies.multi_exchange import GradientStrategy, Vector, refusals
 from fedsim.strategies.sarah import SARAH, SarahEstimate
@@ -97,7 +97,9 @@ class BVRLSGD(GradientStrategy):
             self.exchange_config(config),
             **{keys.ARRAYS: arrays, keys.ESTIMATE: to_array_record(self.sarah.value)},
         )
-        models, _, _ = self.mean_of_replies(replies, shapes_of(arrays), keys.ARRAYS)
+        models, _, _ = self.mean_of_replies(
+            replies, shapes_of(arrays), keys.ARRAYS, dtypes=dtypes_of(arrays)
+        )
         return (to_array_record(models[0]) if models else None), _with_pick(metrics, picked)
 
 

@@ -59,6 +59,7 @@ from fedsim.privacy.clipping import clip_l2
 from fedsim.privacy.flat import FlatLayout, flatten, unflatten
 from fedsim.records import records_of
 from fedsim.seeding import SERVER_NODE, numpy_rng
+from fedsim.strategies.aggregation import InvalidReplyError, finite_number, reply_arrays
 from fedsim.strategies.fedavg import skip_reply
 from fedsim.strategies.gaussian_sum_release import (
     COHORT_METRIC,
@@ -164,17 +165,26 @@ class CentralDP(WrapsStrategy):
             if len(array_records) != 1:
                 skip_reply(reply, f"expected one ArrayRecord, got {len(array_records)}")
                 continue
-            model, model_layout = flatten(arrays_of(next(iter(array_records.values()))))
+            try:
+                model, model_layout = flatten(reply_arrays(next(iter(array_records.values()))))
+            except InvalidReplyError as exc:
+                skip_reply(reply, str(exc))
+                continue
             if model_layout != layout or not np.all(np.isfinite(model)):
                 skip_reply(reply, "arrays differ from the model's, or are not finite")
                 continue
-            clipped, norm = clip_l2(model - global_vector, self.release.clip_norm)
+            try:  # finite entries whose update's norm exceeds float64 have no norm to clip
+                clipped, norm = clip_l2(model - global_vector, self.release.clip_norm)
+            except ValueError as exc:
+                skip_reply(reply, str(exc))
+                continue
             total += clipped
             unclipped += norm <= self.release.clip_norm
             counted += 1
             metric_records = records_of(reply.content, MetricRecord)
             for record in metric_records.values():
-                if isinstance(loss := record.get(keys.TRAIN_LOSS), int | float):
+                loss = record.get(keys.TRAIN_LOSS)
+                if isinstance(loss, int | float) and finite_number(loss):
                     losses.append(float(loss))
         return total, unclipped, losses, counted
 

@@ -23,12 +23,14 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsim import keys
 from fedsim.algorithm import PRIVACY_OPTIONS
-from fedsim.arrays import arrays_of, to_array_record
+from fedsim.arrays import to_array_record
 from fedsim.records import records_of
 from fedsim.strategies.aggregation import (
     InvalidReplyError,
     WeightedMean,
+    dtypes_of,
     metric_values,
+    reply_arrays,
     shapes_of,
     to_metric_record,
 )
@@ -72,12 +74,13 @@ class FedAvg(Strategy):
             min_available_nodes=self.min_available_nodes,
         )
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._dtypes: dict[str, np.dtype] | None = None
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample a seeded cohort and send it the global arrays."""
-        self._shapes = shapes_of(arrays)
+        self._shapes, self._dtypes = shapes_of(arrays), dtypes_of(arrays)
         cohort = self.cohorts.sample(server_round, grid, train=True)
         return addressed(server_round, {keys.ARRAYS: arrays}, config, cohort, MessageType.TRAIN)
 
@@ -97,7 +100,7 @@ class FedAvg(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Fold each valid reply into running weighted means of arrays and metrics."""
-        arrays, metrics = WeightedMean(self._shapes), WeightedMean()
+        arrays, metrics = WeightedMean(self._shapes, dtypes=self._dtypes), WeightedMean()
         for reply in valid_replies(replies):
             try:
                 weight, metric_vals, array_vals = unpack(
@@ -173,7 +176,7 @@ def unpack(
         array_records = records_of(content, ArrayRecord)
         if len(array_records) != 1:
             raise InvalidReplyError(f"expected one ArrayRecord, got {len(array_records)}")
-        array_vals = arrays_of(next(iter(array_records.values())))
+        array_vals = reply_arrays(next(iter(array_records.values())))
     return weight, metric_values(metric_record, exclude=weight_key), array_vals
 
 

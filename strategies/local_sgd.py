@@ -25,7 +25,7 @@ from fedsim.clients.points import (
 from fedsim.clients.trainer import trainer_for
 from fedsim.loop import TrainRound
 from fedsim.records import config_number, records_of
-from fedsim.strategies.aggregation import shapes_of
+from fedsim.strategies.aggregation import dtypes_of, shapes_of
 from fedsim.strategies.multi_exchange import GradientStrategy, refusals
 
 
@@ -70,7 +70,9 @@ class LocalSGD(GradientStrategy):
             self.exchange_config(config),
             **{keys.ARRAYS: arrays},
         )
-        means, metrics, counted = self.mean_of_replies(replies, shapes_of(arrays), keys.ARRAYS)
+        means, metrics, counted = self.mean_of_replies(
+            replies, shapes_of(arrays), keys.ARRAYS, dtypes=dtypes_of(arrays)
+        )
         if not counted:
             return None, None
         return to_array_record(means[0]), metrics

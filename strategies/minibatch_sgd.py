@@ -23,6 +23,7 @@ from fedsim.clients.points import (
 from fedsim.clients.trainer import trainer_for
 from fedsim.loop import TrainRound
 from fedsim.records import config_number
+from fedsim.strategies.aggregation import dtypes_of
 from fedsim.strategies.multi_exchange import (
     GradientStrategy,
     refusals,
@@ -59,7 +60,9 @@ class MinibatchSGD(GradientStrategy):
             self.exchange_config(config),
             **{keys.ARRAYS: arrays},
         )
-        means, metrics, counted = self.mean_of_replies(replies, shapes, keys.ARRAYS)
+        means, metrics, counted = self.mean_of_replies(
+            replies, shapes, keys.ARRAYS, dtypes=dtypes_of(arrays)
+        )
         if not counted:
             return None, None
         return to_array_record(step(point, means[0], self.lr)), metrics

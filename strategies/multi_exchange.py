@@ -34,6 +34,7 @@ from fedsim.strategies.aggregation import (
     InvalidReplyError,
     WeightedMean,
     metric_values,
+    reply_arrays,
     shapes_of,
     to_metric_record,
 )
@@ -329,14 +330,19 @@ min_available_nodes
         return addressed(server_round, records, config, node_ids, message_type)
 
     def mean_of_replies(
-        self, replies: Iterable[Message], shapes: dict[str, tuple[int, ...]], *names: str
+        self,
+        replies: Iterable[Message],
+        shapes: dict[str, tuple[int, ...]],
+        *names: str,
+        dtypes: dict[str, np.dtype] | None = None,
     ) -> tuple[list[Vector], MetricRecord | None, list[int]]:
         """Return the unweighted mean over valid replies of each named array record.
 
         Also returns the mean metrics and the ids of the nodes whose replies
-        counted. Error and malformed replies are logged and skipped.
+        counted. Error and malformed replies are logged and skipped. ``dtypes``
+        (the model's) are the means' dtypes; ``None`` takes the first reply's.
         """
-        means = [WeightedMean(shapes) for _ in names]
+        means = [WeightedMean(shapes, dtypes=dtypes) for _ in names]
         metrics = WeightedMean()
         counted = []
         for reply, vectors, metric_vals in self._unpacked(replies, names):
@@ -360,13 +366,14 @@ min_available_nodes
         for reply in valid_replies(replies):
             try:
                 vectors = [
-                    arrays_of(get_record(reply.content, name, ArrayRecord)) for name in names
+                    reply_arrays(get_record(reply.content, name, ArrayRecord)) for name in names
                 ]
                 metric_record = get_record(reply.content, keys.METRICS, MetricRecord)
-            except KeyError as exc:
+                metric_vals = metric_values(metric_record, exclude=keys.NUM_EXAMPLES)
+            except (KeyError, InvalidReplyError) as exc:
                 skip_reply(reply, str(exc))
                 continue
-            yield reply, vectors, metric_values(metric_record, exclude=keys.NUM_EXAMPLES)
+            yield reply, vectors, metric_vals
 
     def pick(self, server_round: int, node_ids: list[int], purpose: str = "pick") -> int:
         """Draw one node uniformly from ``node_ids`` with a generator seeded by the round."""

@@ -35,7 +35,7 @@ from fedsim.clients.points import (
 from fedsim.clients.trainer import trainer_for
 from fedsim.loop import TrainRound
 from fedsim.records import config_number, records_of
-from fedsim.strategies.aggregation import shapes_of
+from fedsim.strategies.aggregation import dtypes_of, shapes_of
 from fedsim.strategies.minibatch_sgd import gradient
 from fedsim.strategies.multi_exchange import (
     GradientStrategy,
@@ -122,7 +122,9 @@ class SarahEstimate:
             strategy.exchange_config(config, batch_size=size),
             **{keys.ARRAYS: arrays},
         )
-        means, metrics, counted = strategy.mean_of_replies(replies, shapes_of(arrays), keys.ARRAYS)
+        means, metrics, counted = strategy.mean_of_replies(
+            replies, shapes_of(arrays), keys.ARRAYS, dtypes=dtypes_of(arrays)
+        )
         if counted:
             previous = self.value
             self.value = (

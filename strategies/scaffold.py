@@ -36,6 +36,7 @@ from fedsim.clients.trainer import Trainer, trainer_for
 from fedsim.clients.training import LossFn
 from fedsim.loop import TrainRound
 from fedsim.records import config_number, get_record, records_of
+from fedsim.strategies.aggregation import dtypes_of
 from fedsim.strategies.multi_exchange import (
     GradientStrategy,
     Vector,
@@ -149,7 +150,9 @@ class SCAFFOLD(GradientStrategy):
             self.exchange_config(config),
             **{keys.ARRAYS: arrays, keys.CONTROL: to_array_record(control)},
         )
-        means, metrics, counted = self.mean_of_replies(replies, shapes, keys.ARRAYS, keys.CONTROL)
+        means, metrics, counted = self.mean_of_replies(
+            replies, shapes, keys.ARRAYS, keys.CONTROL, dtypes=dtypes_of(arrays)
+        )
         if not counted:
             return None, None
         point_delta, control_delta = means

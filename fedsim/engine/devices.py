@@ -156,6 +156,10 @@ class CsvProfiles:
             text = self.path.read_text(encoding="utf-8-sig")  # Excel writes a BOM
         except OSError as exc:
             raise ValueError(f"{self.path}: cannot read device profiles ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{self.path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start]:#04x})"
+            ) from None
         self._profiles = _parse_profiles(text.splitlines(), where=str(self.path))
 
     def __len__(self) -> int:
@@ -174,12 +178,16 @@ class CsvProfiles:
 
 def _parse_profiles(lines: Iterable[str], *, where: str) -> dict[int, DeviceProfile]:
     reader = csv.DictReader(lines)
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as exc:
+        raise ValueError(f"{where}, line 1: {exc}") from None
     for column in CSV_COLUMNS:
-        if column not in (reader.fieldnames or []):
+        if column not in header:
             raise ValueError(f"{where}, line 1, column {column!r}: missing from the header")
     profiles: dict[int, DeviceProfile] = {}
     first_line: dict[int, int] = {}
-    for row in reader:
+    for row in _rows(reader, where=where):
         line = reader.line_num
         partition, profile = _parse_row(row, where=f"{where}, line {line}")
         if partition in profiles:
@@ -189,6 +197,17 @@ def _parse_profiles(lines: Iterable[str], *, where: str) -> dict[int, DeviceProf
             )
         profiles[partition], first_line[partition] = profile, line
     return profiles
+
+
+def _rows(reader: csv.DictReader, *, where: str) -> Iterable[dict[str, str | None]]:
+    """Yield the reader's rows; raise ``ValueError`` naming the line the csv module refuses."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # a field past the csv module's size limit, say
+            raise ValueError(f"{where}, line {reader.line_num}: {exc}") from None
 
 
 def _parse_row(row: dict[str, str | None], *, where: str) -> tuple[int, DeviceProfile]:
@@ -203,7 +222,7 @@ def _parse_row(row: dict[str, str | None], *, where: str) -> tuple[int, DevicePr
         if problem := _field_problem(column, values[column]):
             raise ValueError(f"{where}, column {column!r}: {problem}")
     raw = (row.get("partition_id") or "").strip()
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # str.isdigit also takes '²', int() does not
         raise ValueError(f"{where}, column 'partition_id': {raw!r} is not an integer >= 0")
     return int(raw), DeviceProfile(**values)
 
