@@ -461,7 +461,7 @@ def _build(cls: type, raw: Any, *, prefix: str) -> Any:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown key '{prefix}{key}'{hint}; allowed in {where}: {', '.join(fields)}"
+                f"unknown key {prefix + str(key)!r}{hint}; allowed in {where}: {', '.join(fields)}"
             )
     values = {}
     for key, value in raw.items():

@@ -288,9 +288,6 @@ def test_the_cli_prints_a_key_with_a_line_break_in_one_line() -> None:
     assert stderr.count("\n") == 1
 
 
-@pytest.mark.xfail(
-    strict=True, reason="fedsim/config.py writes an unknown key unquoted; its owner fixes it"
-)
 def test_a_config_error_about_a_key_with_a_line_break_is_one_line() -> None:
     with pytest.raises(ConfigError) as error:
         parse_config({"a\nb": 1})
