@@ -10,13 +10,14 @@ by having ``state_dict``/``load_state_dict``.
 """
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from flwr.app import ArrayRecord
+
+from fedsim.atomic import replacing
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class RunCheckpoint:
         return _checked(state, self.path)
 
     def save(self, round_: int, arrays: ArrayRecord, strategy: object, grid: object) -> None:
-        """Save after ``round_`` if it is due; a crash mid-write keeps the previous file."""
+        """Save after ``round_`` if it is due; a kill mid-write keeps the previous file."""
         if round_ % self.every:
             return
         state = {
@@ -97,9 +98,8 @@ class RunCheckpoint:
             "strategy": strategy.state_dict() if isinstance(strategy, Stateful) else None,
             "grid": grid.state_dict() if isinstance(grid, Stateful) else None,
         }
-        partial = self.path.with_suffix(".partial")
-        torch.save(state, partial)
-        os.replace(partial, self.path)
+        with replacing(self.path) as partial:
+            torch.save(state, partial)
 
     def restore(self, strategy: object, grid: object) -> Saved | None:
         """Load the checkpoint into ``strategy`` and ``grid``; return it (``None``: none)."""

@@ -4,7 +4,9 @@
 so a run that crashes or is interrupted keeps everything it computed; the
 summary says how the run ended. A run folder's results are never replaced by
 accident: a new run refuses a folder that holds one unless told to overwrite it,
-and even then touches nothing until its first round has ended.
+and even then touches nothing until its first round has ended. Every other file
+is replaced whole (:mod:`fedsim.atomic`), so a process killed at any point leaves
+each of them complete or absent, and at most a cut-short last line of metrics.
 """
 
 import json
@@ -13,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedsim import atomic
 from fedsim.checkpoint import CheckpointError, RunCheckpoint
 from fedsim.config import ConfigError, RunConfig
 from fedsim.loop import RoundReport
@@ -88,6 +91,9 @@ def check_resumable(config: RunConfig) -> int:
         raise ConfigError(f"cannot resume {config.run_dir}/: {exc}") from None
     if saved is None:
         raise ConfigError(f"nothing to resume: no {CHECKPOINT_FILE} in {config.run_dir}/")
+    for name in (CONFIG_FILE, METRICS_FILE):
+        if not (config.run_dir / name).exists():
+            raise ConfigError(f"cannot resume {config.run_dir}/: its {name} is missing")
     before = _saved_config(config.run_dir / CONFIG_FILE)
     now = json.loads(json.dumps(asdict(config)))
     changed = sorted(
@@ -100,11 +106,34 @@ def check_resumable(config: RunConfig) -> int:
             f"cannot resume {config.run_dir}/ with other settings ({', '.join(changed)} "
             "differ); only rounds, progress and plot may change"
         )
-    if saved.round >= config.rounds:
+    read_metrics(config.run_dir / METRICS_FILE)  # a line cut short midway: refused here
+    # model.pt is the last file a run writes: without it, a run killed after its last
+    # checkpoint (writing its summary or model) resumes to write them.
+    finished = (config.run_dir / MODEL_FILE).exists()
+    if saved.round > config.rounds or (saved.round == config.rounds and finished):
         raise ConfigError(
             f"the run already has {saved.round} rounds; set rounds > {saved.round} to extend it"
         )
     return saved.round
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Return the rows of a ``metrics.jsonl``; raise ``ConfigError`` if one is not JSON.
+
+    A last line that does not parse is what a process killed while appending it
+    leaves: that round is dropped, as the round in flight is. Anywhere else, the
+    file was damaged otherwise, and that is one line naming it.
+    """
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number == len(lines):
+                break
+            raise ConfigError(f"{path} line {number} is not JSON: {line[:40]!r}") from None
+    return rows
 
 
 def _saved_config(path: Path) -> dict[str, Any]:
@@ -137,8 +166,7 @@ class RunRecorder:
         self.rows: list[dict[str, Any]] = []
         if resume_after is not None:
             # Rounds after the checkpoint (the interrupted one's partial work) are dropped.
-            with (self.run_dir / METRICS_FILE).open() as lines:
-                rows = [json.loads(line) for line in lines if line.strip()]
+            rows = read_metrics(self.run_dir / METRICS_FILE)
             self.rows = [row for row in rows if row["round"] <= resume_after]
         self._metrics: TextIO | None = None  # open once the run has started
         self._started = time.perf_counter()
@@ -156,15 +184,24 @@ class RunRecorder:
         self._metrics.flush()
 
     def _take_folder(self) -> TextIO:
-        """Make the folder this run's; return its metrics file, holding every row so far."""
+        """Make the folder this run's; return its metrics file, holding every row so far.
+
+        A resumed run removes its summary and model: they describe a run that has
+        moved on, and they are written again when it ends.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self._resume_after is None:
-            for name in RUN_FILES:
-                (self.run_dir / name).unlink(missing_ok=True)
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
-        metrics = (self.run_dir / METRICS_FILE).open("w")
-        metrics.writelines(json.dumps(row) + "\n" for row in self.rows)
-        return metrics
+        stale = RUN_FILES if self._resume_after is None else (SUMMARY_FILE, MODEL_FILE)
+        # The checkpoint first (RUN_FILES ends with it): a run killed midway leaves
+        # nothing to resume rather than a checkpoint without its config.
+        for name in reversed(stale):
+            (self.run_dir / name).unlink(missing_ok=True)
+        atomic.remove_partials(self.run_dir, RUN_FILES)  # left by a killed run
+        atomic.write_text(
+            self.run_dir / CONFIG_FILE, json.dumps(asdict(self.config), indent=2) + "\n"
+        )
+        rows = "".join(json.dumps(row) + "\n" for row in self.rows)
+        atomic.write_text(self.run_dir / METRICS_FILE, rows)  # a killed line's tail goes
+        return (self.run_dir / METRICS_FILE).open("a")
 
     def finish(self, status: str, **extra: Any) -> dict[str, Any]:
         """Close the metrics file, write the summary (and plot); return the summary.
@@ -200,10 +237,12 @@ class RunRecorder:
             "seed": self.config.seed,
             **extra,
         }
+        if self._metrics is None and self._resume_after is not None and status == "completed":
+            self._metrics = self._take_folder()  # resumed with no round left: it only ends
         if self._metrics is None:
             return summary
         self._metrics.close()
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         if self.config.plot and self.rows:
             plot_metrics(self.rows, self.run_dir / PLOT_FILE, title=self.config.name)
         return summary
@@ -266,5 +305,6 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
             ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic.replacing(path) as partial:
+        fig.savefig(partial, dpi=120)
     plt.close(fig)
