@@ -224,6 +224,7 @@ class RunRecorder:
             "perplexity": _last(self.rows, "central_perplexity"),
             "mse": _last(self.rows, "central_mse"),
             "failures": sum(int(r.get("failures", 0)) for r in self.rows),
+            "failures_by_kind": _failures_by_kind(self.rows),
             "unavailable": sum(int(r.get("unavailable", 0)) for r in self.rows),
             "late": sum(int(r.get("late", 0)) for r in self.rows),
             "simulated_time_s": _total(r.get("simulated_s") for r in self.rows),
@@ -246,6 +247,17 @@ class RunRecorder:
         if self.config.plot and self.rows:
             plot_metrics(self.rows, self.run_dir / PLOT_FILE, title=self.config.name)
         return summary
+
+
+def _failures_by_kind(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Sum each round's ``failures_<kind>`` counts over the run."""
+    totals: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("failures_"):
+                kind = key.removeprefix("failures_")
+                totals[kind] = totals.get(kind, 0) + int(value)
+    return dict(sorted(totals.items()))
 
 
 def _last(rows: list[dict[str, Any]], column: str) -> Any:
