@@ -45,7 +45,9 @@ def test_memory_fit_separates_node_contexts_from_a_leak() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["inline", "threads"])
+# The threads engine keeps nodes in the same registry; it passed this test at 31-40 s and
+# the 200-round soak (docs/reliability.md), and is left out of make test for its time.
+@pytest.mark.parametrize("engine", ["inline"])
 def test_memory_does_not_grow_with_rounds(engine: str) -> None:
     """Memory over 16 rounds after an 8-round warm-up stays within 1 MB per 100 rounds.
 

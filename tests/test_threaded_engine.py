@@ -118,14 +118,17 @@ def test_a_strategy_that_stops_early_leaves_no_client_running(grid: ThreadedGrid
     assert not _active and len(_events) == started <= 4
 
 
-def test_a_timeout_answers_the_unstarted_and_keeps_the_running() -> None:
+def test_a_timeout_answers_the_unstarted_and_replaces_the_late() -> None:
+    # The two running clients cannot be interrupted: they finish, but past the deadline
+    # their replies are late and become timeouts too.
     with ThreadedGrid(_sleepy_app(1.0), num_nodes=6, num_workers=2) as grid:
         cpu_before = time.process_time()
         replies = list(grid.send_and_receive(_messages(grid, list(range(6))), timeout=0.3))
         cpu_s = time.process_time() - cpu_before
     assert cpu_s < 0.3  # the clients sleep: waiting for them past the deadline costs no CPU
     timed_out = [r for r in replies if r.has_error() and "timeout" in r.error.reason]
-    assert len(timed_out) == 4 and len(replies) == 6
+    assert len(timed_out) == 6 and len(replies) == 6
+    assert sum("late reply" in r.error.reason for r in timed_out) == 2
     assert grid.compute_seconds and min(grid.compute_seconds.values()) >= 1.0
 
 
