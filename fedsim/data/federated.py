@@ -161,20 +161,12 @@ def build_federated_data(
         )
     elif dataset == "pydocs":
         central, natural = load_pydocs(num_clients=num_clients, test_fraction=test_fraction)
+    else:
+        central = load_central(dataset, seed=seed, test_fraction=test_fraction)
     if partitioner == "natural":
         return FederatedData(central=central, partitions=tuple(natural))
-    if dataset == "pydocs":  # pooled, then split like any labelled dataset
-        return partitioned(
-            central,
-            partitioner=partitioner,
-            num_clients=num_clients,
-            seed=seed,
-            alpha=alpha,
-            shards_per_client=shards_per_client,
-            q=q,
-        )
-    return partitioned(
-        load_central(dataset, seed=seed, test_fraction=test_fraction),
+    return partitioned(  # pydocs pooled, or a dataset without clients of its own
+        central,
         partitioner=partitioner,
         num_clients=num_clients,
         seed=seed,
