@@ -49,6 +49,7 @@ from flwr.app import ArrayRecord, ConfigRecord  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
+from experiments.bench.measure import rss_bytes  # noqa: E402
 from fedsim import keys  # noqa: E402
 from fedsim.processes import process_tree  # noqa: E402
 from fedsim.seeding import derive_seed  # noqa: E402
@@ -117,14 +118,7 @@ class Options:
 
 def rss_mb(pids: set[int]) -> float:
     """Return the summed resident set size of ``pids`` (those that still exist), in MB."""
-    page, total = os.sysconf("SC_PAGE_SIZE"), 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm", "rb") as statm:
-                total += int(statm.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-    return total / MB
+    return rss_bytes(pids) / MB
 
 
 def actor_pids(tree: set[int]) -> set[int]:

@@ -11,7 +11,8 @@ centralized loop, so that both run the same algorithm:
   + 0.001 mean D(x, y)^2, xhat = a x + (1 - a) x~ with a ~ U[0, 1] per sample;
 - the gradient of L_G = -mean D(x~, y') at each generated image, taken with
   ``torch.autograd.grad`` so that the discriminator's parameters receive none;
-- the non-private warm start of a discriminator against a throw-away generator.
+- the non-private warm start of a discriminator against a throw-away generator, and a
+  client's restore of its discriminator from ``Context.state`` (or its seeded creation).
 
 Every random draw comes from an explicit ``torch.Generator``.
 """
@@ -20,10 +21,17 @@ from collections.abc import Callable
 from typing import cast
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import Tensor, nn
 
+from fedsim import keys
 from fedsim.clients.local_routines import LocalData
+from fedsim.clients.points import load_optimizer, tensors
+from fedsim.clients.torch_client import TorchClient
 from fedsim.models.gs_wgan import sample_latent
+from fedsim.records import config_number, records_of
+from fedsim.registry import resolve
+from fedsim.seeding import built_from_seed, derive_seed, torch_generator
 
 GRADIENT_PENALTY = 10.0  # WGAN-GP's lambda
 DRIFT_PENALTY = 0.001  # keeps the critic's real scores near 0 (the authors' epsilon drift)
@@ -128,3 +136,52 @@ def warm_start(
         generator_optimizer.zero_grad(set_to_none=True)
         (-discriminator(fakes, labels).mean()).backward()
         generator_optimizer.step()
+
+
+def restore_discriminator(
+    client: TorchClient,
+    discriminator: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    context: Context,
+    config: ConfigRecord,
+    data: LocalData,
+    seed: int,
+    node: int,
+) -> None:
+    """Load the node's discriminator and moments, or create and warm-start them."""
+    stored = records_of(context.state, ArrayRecord)
+    if keys.DISCRIMINATOR in stored:
+        discriminator.load_state_dict(tensors(client, stored[keys.DISCRIMINATOR]))
+        load_optimizer(optimizer, stored[keys.CRITIC_OPTIMIZER])
+        return
+    initial = built_from_seed(
+        derive_seed(seed, 0, node, "gswgan.discriminator"), client.task.model_fn
+    )
+    discriminator.load_state_dict(initial.state_dict())
+    steps = config_number(config, keys.WARM_START_STEPS, int)
+    if not steps:
+        return
+    generator = built_from_seed(
+        derive_seed(seed, 0, node, "gswgan.warm-start-generator"),
+        lambda: generator_factory(config)(
+            input_shape=tuple(data.inputs.shape[1:]),
+            num_classes=config_number(config, keys.NUM_CLASSES, int),
+            latent_dim=config_number(config, keys.LATENT_DIM, int),
+        ),
+    ).to(client.device)
+    warm_start(
+        discriminator,
+        data,
+        generator,
+        steps=steps,
+        critic_steps_per_step=config_number(config, keys.CRITIC_STEPS, int),
+        batch_size=config_number(config, keys.BATCH_SIZE, int),
+        lr=config_number(config, keys.LR, float),
+        betas=(config_number(config, keys.BETA1, float), config_number(config, keys.BETA2, float)),
+        rng=torch_generator(seed, 0, node, "gswgan.warm-start"),
+    )
+
+
+def generator_factory(config: ConfigRecord) -> Callable[..., nn.Module]:
+    """Return the generator factory ``strategy.params.generator`` names."""
+    return resolve("strategy.params.generator", str(config[keys.GENERATOR]), {})

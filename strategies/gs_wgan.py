@@ -44,7 +44,7 @@ one, which is the guarantee.
 """
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,20 +59,17 @@ from fedsim import keys
 from fedsim.algorithm import ClientAction
 from fedsim.arrays import arrays_of, to_array_record
 from fedsim.clients import TorchClient
-from fedsim.clients.local_routines import LocalData
 from fedsim.clients.points import (
     config_of,
-    load_optimizer,
     local_data,
     optimizer_record,
-    tensors,
     to_record,
 )
 from fedsim.clients.torch_client import resolve_device
-from fedsim.gan_training import critic_steps, image_gradients, latent_of, warm_start
+from fedsim.gan_training import critic_steps, image_gradients, latent_of, restore_discriminator
 from fedsim.loop import EvaluateFn, TrainRound
 from fedsim.privacy.gradient_sanitizer import sanitize
-from fedsim.records import config_number, get_record, records_of
+from fedsim.records import config_number, get_record
 from fedsim.registry import resolve
 from fedsim.seeding import (
     SERVER_NODE,
@@ -118,7 +115,7 @@ def gswgan_step(client: TorchClient, message: Message, context: Context) -> Mess
     discriminator.train()
     data = local_data(client, context)
     optimizer = torch.optim.Adam(discriminator.parameters(), lr=lr, betas=betas)
-    _restore_discriminator(client, discriminator, optimizer, context, config, data, seed, node)
+    restore_discriminator(client, discriminator, optimizer, context, config, data, seed, node)
     critic_steps(
         discriminator,
         optimizer,
@@ -140,54 +137,6 @@ def gswgan_step(client: TorchClient, message: Message, context: Context) -> Mess
         {keys.GRADIENTS: to_array_record({keys.IMAGES: sanitized.numpy(force=True)})}
     )
     return Message(content, reply_to=message)
-
-
-def _restore_discriminator(
-    client: TorchClient,
-    discriminator: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    context: Context,
-    config: ConfigRecord,
-    data: LocalData,
-    seed: int,
-    node: int,
-) -> None:
-    """Load the node's discriminator and moments, or create and warm-start them."""
-    stored = records_of(context.state, ArrayRecord)
-    if keys.DISCRIMINATOR in stored:
-        discriminator.load_state_dict(tensors(client, stored[keys.DISCRIMINATOR]))
-        load_optimizer(optimizer, stored[keys.CRITIC_OPTIMIZER])
-        return
-    initial = built_from_seed(
-        derive_seed(seed, 0, node, "gswgan.discriminator"), client.task.model_fn
-    )
-    discriminator.load_state_dict(initial.state_dict())
-    steps = config_number(config, keys.WARM_START_STEPS, int)
-    if not steps:
-        return
-    generator = built_from_seed(
-        derive_seed(seed, 0, node, "gswgan.warm-start-generator"),
-        lambda: _generator_factory(config)(
-            input_shape=tuple(data.inputs.shape[1:]),
-            num_classes=config_number(config, keys.NUM_CLASSES, int),
-            latent_dim=config_number(config, keys.LATENT_DIM, int),
-        ),
-    ).to(client.device)
-    warm_start(
-        discriminator,
-        data,
-        generator,
-        steps=steps,
-        critic_steps_per_step=config_number(config, keys.CRITIC_STEPS, int),
-        batch_size=config_number(config, keys.BATCH_SIZE, int),
-        lr=config_number(config, keys.LR, float),
-        betas=(config_number(config, keys.BETA1, float), config_number(config, keys.BETA2, float)),
-        rng=torch_generator(seed, 0, node, "gswgan.warm-start"),
-    )
-
-
-def _generator_factory(config: ConfigRecord) -> Callable[..., nn.Module]:
-    return resolve("strategy.params.generator", str(config[keys.GENERATOR]), {})
 
 
 # ---------------------------------------------------------------------- server strategy
