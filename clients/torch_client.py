@@ -185,7 +185,6 @@ class TorchClient:
                 batch_size=config_number(config, keys.BATCH_SIZE, int, self.task.batch_size),
             )
         extra_metrics = trainer.spend(context)
-        _count_participation(context)
         content = RecordDict(
             {
                 keys.ARRAYS: to_array_record(
@@ -249,14 +248,6 @@ def resolve_device(name: str) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def _count_participation(context: Context) -> None:
-    """Keep a per-node count of training rounds in ``Context.state``."""
-    state = records_of(context.state, ConfigRecord).get(keys.CLIENT_STATE)
-    if state is None:
-        state = context.state[keys.CLIENT_STATE] = ConfigRecord()
-    state[keys.ROUNDS_PARTICIPATED] = config_number(state, keys.ROUNDS_PARTICIPATED, int, 0) + 1
 
 
 #: Layers that draw from torch's global RNG in training.

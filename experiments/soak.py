@@ -10,8 +10,9 @@ A population of ``--clients`` nodes (default 10^5) runs fedsim's FedAvg for ``--
 rounds, ``--per-round`` clients a round, each training a logistic regression on
 ``FEATURES`` features for one local epoch. A client's data is generated when it runs, from
 ``(seed, partition)``, so no dataset exists before a client is sampled and none is kept
-after. The clients are fedsim's own (``TorchTask`` through ``make_client_app``), so each keeps
-its participation count in ``Context.state``, as in any ``fedsim run``.
+after. The clients are fedsim's own (``TorchTask`` through ``make_client_app``), as in any
+``fedsim run``; FedAvg's clients keep no ``Context.state``, so a node costs no memory between
+its rounds, and the population's size should not show in memory at all.
 
 After every round the script collects garbage and reads resident memory from ``/proc``: this
 process (the driver), and on Ray the actors summed (the ``ray::_NodeActor`` processes) and the
@@ -142,7 +143,7 @@ class Samples:
     driver_mb: list[float] = field(default_factory=list)
     actors_mb: list[float] = field(default_factory=list)
     tree_mb: list[float] = field(default_factory=list)
-    nodes: list[int] = field(default_factory=list)
+    nodes_with_state: list[int] = field(default_factory=list)
 
 
 class Sampler:
@@ -154,14 +155,14 @@ class Sampler:
         self._start = time.perf_counter()
 
     def on_round(self, report: Any) -> None:
-        """Record the round's seconds, memory and materialized nodes; print progress."""
+        """Record the round's seconds, memory and nodes keeping state; print progress."""
         if report.round == 0:
             return
         gc.collect()
         s, me = self.samples, os.getpid()
         s.round_s.append(report.round_s)
         s.driver_mb.append(rss_mb({me}))
-        s.nodes.append(self.grid.nodes.num_materialized)
+        s.nodes_with_state.append(self.grid.nodes.num_with_state)
         if self.ray:
             tree = process_tree(me)  # the grid started Ray: its daemons are our children
             s.actors_mb.append(rss_mb(actor_pids(tree)))
@@ -172,7 +173,8 @@ class Sampler:
             print(
                 f"  [{self.options.engine}] round {report.round:4d}/{report.num_rounds}"
                 f"  {report.round_s:6.3f} s  driver {s.driver_mb[-1]:7.1f} MB{extra}"
-                f"  nodes {s.nodes[-1]:6d}  elapsed {time.perf_counter() - self._start:6.0f} s",
+                f"  nodes with state {s.nodes_with_state[-1]:6d}"
+                f"  elapsed {time.perf_counter() - self._start:6.0f} s",
                 file=sys.stderr,
                 flush=True,
             )
@@ -197,48 +199,29 @@ def least_squares(
     return [float(c) for c in coef[1:]], [float(v) ** 0.5 for v in np.diag(cov)[1:]]
 
 
-def memory_fit(
-    mb: Sequence[float], rounds: Sequence[int], nodes: Sequence[int]
-) -> dict[str, float]:
-    """Return memory's slope over rounds, raw and with the nodes' contexts accounted for.
-
-    Every node a round samples for the first time keeps a ``Context`` (its ``state``) for the
-    rest of the run, so memory grows with the nodes touched until the population is used up:
-    bounded, and expected. ``rss_slope`` is the plain slope. ``leak_slope`` is the slope of a
-    joint fit on rounds and materialized nodes, that is memory that grows with rounds at a
-    fixed node count, and ``bytes_per_node`` the cost of a node's context. Where the node
-    count hardly moves (a population used up in warm-up) the two slopes are the same fit.
-    """
-    (raw,), (raw_se,) = least_squares(mb, rounds)
-    result = {"rss_slope_mb_per_100": 100 * raw, "rss_slope_se_mb_per_100": 100 * raw_se}
-    if max(nodes) - min(nodes) >= 0.01 * max(nodes) and len(set(nodes)) > 2:
-        (per_round, per_node), (per_round_se, per_node_se) = least_squares(mb, rounds, nodes)
-        result["bytes_per_node"] = per_node * MB
-        result["bytes_per_node_se"] = per_node_se * MB
-    else:
-        per_round, per_round_se = raw, raw_se
-    result["leak_slope_mb_per_100"] = 100 * per_round
-    result["leak_slope_se_mb_per_100"] = 100 * per_round_se
-    return result
+def memory_fit(mb: Sequence[float], rounds: Sequence[int]) -> dict[str, float]:
+    """Return memory's least-squares slope over rounds, in MB per 100 rounds, with its SE."""
+    (slope,), (se,) = least_squares(mb, rounds)
+    return {"rss_slope_mb_per_100": 100 * slope, "rss_slope_se_mb_per_100": 100 * se}
 
 
 def summarize(samples: Samples, warmup: int) -> dict[str, Any]:
     """Return peak memory, memory slopes after ``warmup`` rounds and round-time drift."""
     rounds = list(range(1, len(samples.round_s) + 1))
     kept = slice(min(warmup, len(rounds) - 4), None)
-    xs, nodes = rounds[kept], samples.nodes[kept]
+    xs = rounds[kept]
     result: dict[str, Any] = {"measured_rounds": len(xs), "first_measured_round": xs[0]}
     for name in ("driver_mb", "actors_mb", "tree_mb"):
         series = getattr(samples, name)
         if series:
-            fit = memory_fit(series[kept], xs, nodes)
+            fit = memory_fit(series[kept], xs)
             result[name] = {"peak": max(series), "first": series[0], "last": series[-1], **fit}
     # What fedsim itself holds: the driver, plus the actors on Ray.
     fedsim_mb = samples.driver_mb
     if samples.actors_mb:
         fedsim_mb = [d + a for d, a in zip(samples.driver_mb, samples.actors_mb, strict=True)]
     result["rss_peak_mb"] = max(fedsim_mb)
-    result.update(memory_fit(fedsim_mb[kept], xs, nodes))
+    result.update(memory_fit(fedsim_mb[kept], xs))
     times = samples.round_s[kept]
     (b,), (se,) = least_squares(times, xs)
     quarter = max(1, len(times) // 4)
@@ -247,7 +230,7 @@ def summarize(samples: Samples, warmup: int) -> dict[str, Any]:
     result["round_s_slope_se_per_100"] = 100 * se
     result["round_s_first_quarter"] = statistics.median(times[:quarter])
     result["round_s_last_quarter"] = statistics.median(times[-quarter:])
-    result["nodes_materialized"] = samples.nodes[-1]
+    result["nodes_with_state"] = samples.nodes_with_state[-1]
     return result
 
 
@@ -323,17 +306,15 @@ def soak(options: Options) -> dict[str, Any]:
 def table(results: Sequence[dict[str, Any]]) -> str:
     """Return the per-engine summary as a Markdown table (slopes per 100 rounds, ± SE)."""
     lines = [
-        "| engine | peak RSS MB | RSS slope MB | leak slope MB | B/node | nodes | "
+        "| engine | peak RSS MB | RSS slope MB | nodes with state | "
         "round s | round s slope | quarter 1 / 4 s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r["summary"]
-        per_node = f"{s['bytes_per_node']:.0f}" if "bytes_per_node" in s else "-"
         lines.append(
             f"| {r['engine']} | {s['rss_peak_mb']:.0f} | {s['rss_slope_mb_per_100']:+.2f} "
-            f"± {s['rss_slope_se_mb_per_100']:.2f} | {s['leak_slope_mb_per_100']:+.2f} "
-            f"± {s['leak_slope_se_mb_per_100']:.2f} | {per_node} | {s['nodes_materialized']} | "
+            f"± {s['rss_slope_se_mb_per_100']:.2f} | {s['nodes_with_state']} | "
             f"{s['round_s_median']:.3f} | {s['round_s_slope_per_100']:+.3f} "
             f"± {s['round_s_slope_se_per_100']:.3f} | {s['round_s_first_quarter']:.3f} / "
             f"{s['round_s_last_quarter']:.3f} |"
@@ -359,7 +340,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the soak on each engine asked for; print the table, write the JSON.
 
-    Returns 1 when an engine's leak slope is above ``SLOPE_BOUND_MB``.
+    Returns 1 when an engine's memory slope is above ``SLOPE_BOUND_MB``.
     """
     args = parse_args(argv)
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -378,11 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results.append(soak(options))
     print(table(results))
-    failed = [
-        r["engine"] for r in results if r["summary"]["leak_slope_mb_per_100"] > SLOPE_BOUND_MB
-    ]
+    failed = [r["engine"] for r in results if r["summary"]["rss_slope_mb_per_100"] > SLOPE_BOUND_MB]
     if failed:
-        print(f"leak slope above {SLOPE_BOUND_MB} MB per 100 rounds: {', '.join(failed)}")
+        print(f"memory slope above {SLOPE_BOUND_MB} MB per 100 rounds: {', '.join(failed)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 1 if failed else 0

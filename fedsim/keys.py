@@ -48,8 +48,6 @@ NUM_PARTITIONS: Final = "num-partitions"
 DATA_FILE: Final = "data-file"  # a node's own data (fedsim.data.node_files)
 
 # Context.state entries a client keeps across rounds.
-CLIENT_STATE: Final = "fedsim.client"
-ROUNDS_PARTICIPATED: Final = "rounds-participated"
 PREVIOUS_POINT: Final = "fedsim.previous-point"  # the last point a node's gradient was taken at
 CLIENT_CONTROL: Final = "fedsim.control"  # SCAFFOLD's client control variate c_p
 

@@ -49,7 +49,7 @@ def test_sampling_a_million_node_population_touches_only_the_cohort() -> None:
     grid = InlineGrid(ClientApp(), num_nodes=1_000_000)
     strategy = FedAvg(seed=0, fraction_train=100 / 1_000_000, min_train_nodes=100)
     assert len(_cohort(strategy, grid, 1)) == 100
-    assert grid.nodes.num_materialized == 0  # configuring messages creates no node state
+    assert grid.nodes.num_with_state == 0  # configuring messages creates no node state
 
 
 def test_sample_cohort_rejects_impossible_sizes() -> None:

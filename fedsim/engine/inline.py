@@ -98,5 +98,6 @@ class InlineGrid(SimulatedGrid):
         reply = run_client_app(
             self._client_app, message, context, check_finite_arrays=self.check_finite_arrays
         )
+        self.nodes.keep(context.node_id, context.state)
         self.compute_seconds[message.metadata.message_id] = time.perf_counter() - start
         return reply

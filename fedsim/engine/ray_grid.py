@@ -368,7 +368,7 @@ class RayGrid(SimulatedGrid):
     def _deliver(self, batch: list[Message], results: list[Any]) -> Iterator[Message]:
         """Yield a finished batch's replies, keeping each node's new state and compute time."""
         for message, (reply, state, seconds) in zip(batch, results, strict=True):
-            self.nodes.context(message.metadata.dst_node_id).state = state
+            self.nodes.keep(message.metadata.dst_node_id, state)
             self.compute_seconds[message.metadata.message_id] = seconds
             yield reply
 

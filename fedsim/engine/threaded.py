@@ -195,4 +195,7 @@ class ThreadedGrid(SimulatedGrid):
         reply = run_client_app(
             _worker.app, message, context, check_finite_arrays=self.check_finite_arrays
         )
+        # No two workers run one node at once (``_start`` holds busy nodes back), so
+        # each node's entry has one writer.
+        self.nodes.keep(context.node_id, context.state)
         return reply, time.perf_counter() - start
