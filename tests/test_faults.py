@@ -199,35 +199,40 @@ def test_a_reply_must_hold_the_arrays_it_was_sent() -> None:
 
 @pytest.mark.slow
 def test_on_ray_faults_and_killed_workers_cost_exactly_their_replies(tmp_path: Path) -> None:
-    """FedAvg on Ray with killed workers among the faults; one Ray for both runs."""
+    """Every strategy's faults on Ray, against inline runs that drop the same replies.
+
+    The inline engine on one torch thread computes what Ray's one-CPU actors do
+    (tests/test_ray_engine.py), so one Ray run per strategy suffices. FedAvg's faults
+    include killed workers, which only Ray has; the stateful strategies get the
+    corrupting kinds: a killed client never ends its training, so unlike the dropping
+    run it keeps its old state (SCAFFOLD's control variate, BVR-L-SGD's anchor).
+    """
     import ray
 
     from fedsim.engine.ray_grid import RayGrid, RayResources, release_kept_actors
 
     assert not ray.is_initialized(), "this test starts and stops its own Ray"
     resources = RayResources(num_cpus=1, num_actors=2)
-
-    def on_ray(app: ClientApp, config: RunConfig) -> dict[str, Any]:
-        with RayGrid(app, num_nodes=12, resources=resources, keep_actors=True) as grid:
-            return run_on_grid(config, grid, engine="ray")
-
     try:
-        # SCAFFOLD with CORRUPTING faults passes here too (about 45 s more, measured once);
-        # the suite keeps FedAvg, whose killed workers only Ray has.
-        for strategy, kinds in (("fedavg", "nan,shape,kill"),):
-            tables = {**STRATEGIES[strategy], "engine": {"name": "ray"}}
-            faults = {"fraction": 0.3, "kinds": kinds}
-            faulty = config_of(tmp_path, f"{strategy}-faulty", faults=faults, **tables)
+        for strategy, tables in sorted(STRATEGIES.items()):
+            kinds = "nan,shape,kill" if strategy == "fedavg" else CORRUPTING
+            faults = {"fraction": 0.4, "kinds": kinds}
+            faulty = config_of(tmp_path, f"{strategy}-faulty", faults=faults,
+                               **tables, engine={"name": "ray"})  # fmt: skip
             clean = config_of(tmp_path, f"{strategy}-dropped", **tables)
-            plan = FaultPlan(0.3, faulty.faults.kind_list, faulty.seed, faulty.faults.hang_s)
-            summary = on_ray(engine_client_app(faulty), faulty)
-            dropped = on_ray(dropping_app(clean, plan), clean)
-            assert summary["failures"] == dropped["failures"] > 0
-            if "kill" in kinds:
+            plan = FaultPlan(0.4, faulty.faults.kind_list, faulty.seed, faulty.faults.hang_s)
+            # keep_actors: the next strategy's grid reuses this Ray (its app needs new actors).
+            app = engine_client_app(faulty)
+            with RayGrid(app, num_nodes=12, resources=resources, keep_actors=True) as grid:
+                summary = run_on_grid(faulty, grid, engine="ray")
+            with GRIDS["inline"](dropping_app(clean, plan), clean) as grid:
+                dropped = run_on_grid(clean, grid, engine="inline")
+
+            assert summary["failures"] == dropped["failures"] > 0, strategy
+            if strategy == "fedavg":
                 assert summary["failures_by_kind"].get("crashed", 0) > 0
-            got, expected = (
-                model_of(tmp_path / f"{strategy}-{run}") for run in ("faulty", "dropped")
-            )
+            got, expected = (model_of(tmp_path / f"{strategy}-{run}")
+                             for run in ("faulty", "dropped"))  # fmt: skip
             assert all(torch.equal(got[k], expected[k]) for k in expected), strategy
     finally:
         release_kept_actors()
