@@ -22,13 +22,19 @@ from fedsim.experiment import federated_data
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "experiments" / "configs" / "demo.toml"
-SMALL = ["rounds=1", "model.name=mlp", "strategy.clients_per_round=3", "client.local_epochs=1"]
+# SCAFFOLD (the multi-exchange seam; one exchange a round): round 2 needs the control
+# variate each worker left in its SuperNode's Context.state in round 1, which the
+# SuperNode keeps for the run across the fresh ClientApp process of every message.
+SMALL = ["rounds=2", "model.name=mlp", "strategy.clients_per_round=3", "strategy.name=scaffold",
+         "strategy.local_steps=3", "client.batch_size=16"]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_deploy_runs_the_demo_on_three_supernodes_reading_their_own_files(tmp_path: Path) -> None:
+def test_deploy_runs_scaffold_on_three_supernodes_reading_their_own_files(tmp_path: Path) -> None:
     # TLS and authentication are tests/test_deployment.py's; here the command's
-    # --insecure path, which must warn, and --node-data, which fedsim split feeds.
+    # --insecure path, which must warn, and --node-data, which fedsim split feeds:
+    # each SuperNode reads its own file, none partitions the dataset (the server still
+    # loads data.dataset, for its test split).
     sets = [arg for setting in SMALL for arg in ("--set", setting)]
     fedsim = [sys.executable, "-m", "fedsim.cli"]
     split = [
@@ -56,7 +62,7 @@ def test_deploy_runs_the_demo_on_three_supernodes_reading_their_own_files(tmp_pa
     assert f"results in {run.resolve()}/" in done.stdout
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["engine"] == "flwr-run"
-    assert summary["rounds"] == 1 and summary["failures"] == 0
+    assert summary["rounds"] == 2 and summary["failures"] == 0
     # The nodes' own files hold the partitions the inline engine computes itself.
     inline = ["run", str(DEMO), "--set", "data.num_clients=3", "--set", "engine.torch_threads=1"]
     inline += [*sets, "--set", 'name="inline"', "--set", f'output_dir="{tmp_path}"']

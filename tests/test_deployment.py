@@ -5,9 +5,8 @@ one torch thread (``LocalFederation.torch_threads``); the inline engine with
 ``engine.torch_threads=1`` runs the same seeded computation, so the final models
 agree bit for bit: client seeds derive from the partition id (the SuperNode's
 ``--node-config``), never from Flower's random node ids, and the weighted mean sums
-in float64 whatever order the replies arrive in. SCAFFOLD agrees bit for bit too:
-each worker's control variate lives in ``Context.state``, which the SuperNode keeps
-for the run across the fresh ClientApp process of every message.
+in float64 whatever order the replies arrive in. (SCAFFOLD's per-node state across
+those processes, and nodes reading their own files: tests/test_deploy_cli.py.)
 
 Apple's stack agrees bit for bit too: secure aggregation's keys are fresh in every
 process, but the unmasked sum is exact in its field, the local privatizer's and the
@@ -25,8 +24,6 @@ import pytest
 import torch
 
 from fedsim.cli import main
-from fedsim.config import load_config
-from fedsim.data.node_files import write_partition_files
 from fedsim.deploy.credentials import write_supernode_keys
 from fedsim.deploy.localhost import (
     CONNECTION,
@@ -35,7 +32,6 @@ from fedsim.deploy.localhost import (
     _staged_app,
     _toml_value,
 )
-from fedsim.experiment import federated_data
 from fedsim.processes import process_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,15 +47,7 @@ SETTINGS: dict[str, ConfigValue] = {
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
-    # Each SuperNode also gets its own data file: partition i of SETTINGS' split,
-    # which the inline engine computes itself.
-    config = load_config(DEMO, [f"{key}={_toml_value(value)}" for key, value in SETTINGS.items()])
-    data = federated_data(config.data, config.seed)
-    node_files = write_partition_files(
-        [data.client_dataset(i) for i in range(NODES)], tmp_path_factory.mktemp("node-data")
-    )
-    root = tmp_path_factory.mktemp("federation")
-    with LocalFederation(nodes=NODES, root=root, node_files=node_files) as federation:
+    with LocalFederation(nodes=NODES, root=tmp_path_factory.mktemp("federation")) as federation:
         yield federation
 
 
@@ -88,47 +76,6 @@ def test_a_supernode_with_an_unregistered_key_is_refused(federation: LocalFedera
     assert returncode != 0 and "Exit Code: 305" in log and "[code: 2004]" in log, log[-2000:]
     superlink_log = (federation.logs / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in superlink_log
-
-
-# SCAFFOLD (the multi-exchange seam; one exchange a round): round 2 needs the control
-# variate each worker left in its SuperNode's Context.state in round 1.
-SCAFFOLD: dict[str, ConfigValue] = {
-    **SETTINGS,
-    "rounds": 2,
-    "strategy.name": "scaffold",
-    "strategy.local_steps": 3,
-    "client.batch_size": 16,
-}
-
-
-@pytest.mark.slow
-def test_three_authenticated_supernodes_train_scaffold_on_their_own_files_as_inline_does(
-    federation: LocalFederation, tmp_path: Path
-) -> None:
-    # Each SuperNode reads its data-file (fedsim.data.node_files); none partitions the
-    # dataset. The server still loads data.dataset, for its test split. The inline
-    # engine computes the same partitions itself.
-    run_config = {
-        **SCAFFOLD,
-        "data.load_partition": "fedsim.data.node_files:load_partition",
-        "name": "scaffold",
-        "output_dir": str(tmp_path),
-    }
-
-    status = federation.run(REPO, run_config)
-
-    assert status == "finished:completed", _tail(federation.logs / "flwr-cli.log")
-    run = tmp_path / "scaffold"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["engine"] == "flwr-run"
-    rounds = _metrics(run)
-    assert [r["round"] for r in rounds] == [0, 1, 2]
-    assert all(r["replies"] == r["exchanges"] * NODES and r["failures"] == 0 for r in rounds[1:])
-    deployed = torch.load(run / "model.pt", weights_only=True)
-    inline = _inline_model(tmp_path / "inline-runs", SCAFFOLD)
-    assert deployed.keys() == inline.keys()
-    for name, tensor in inline.items():
-        assert torch.equal(deployed[name], tensor), name
 
 
 @pytest.mark.slow
