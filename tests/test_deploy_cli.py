@@ -82,7 +82,7 @@ def test_run_config_holds_the_changed_keys_an_absolute_folder_and_one_client_per
     run_config = deployed_run_config(config)
 
     assert run_config["output_dir"] == str(tmp_path.resolve() / "runs")
-    assert run_config["name"] == "demo" and run_config["rounds"] == 1
+    assert run_config["name"] == "demo" and run_config["rounds"] == 2
     assert run_config["data.num_clients"] == 3 and run_config["model.name"] == "mlp"
     assert "engine.name" not in run_config  # a default stays out
 
