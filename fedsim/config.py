@@ -321,6 +321,24 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """Metric sinks beside ``metrics.jsonl`` (``fedsim.sinks``; off by default).
+
+    Each logs every round's numbers at step = round under the run's folder, and
+    needs its extra (``pip install 'fedsim[tensorboard]'``, ``'fedsim[wandb]'``,
+    ``'fedsim[mlflow]'``): a missing one stops the run before any work. W&B and
+    MLflow name the project (experiment) ``fedsim`` and the run after ``name``.
+    """
+
+    # TensorBoard event files in the run folder's tb/ (tensorboard --logdir runs/).
+    tensorboard: bool = False
+    # A Weights & Biases run in offline mode, in the run folder's wandb/ (upload: wandb sync).
+    wandb: bool = False
+    # An MLflow run in a local file store, the run folder's mlruns/.
+    mlflow: bool = False
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
 
@@ -352,6 +370,7 @@ class RunConfig:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
         for key in ("clients_per_round", "evaluate_clients"):

@@ -39,6 +39,7 @@ from fedsim.progress import ProgressBar
 from fedsim.registry import is_import_path, resolve, takes_params
 from fedsim.results import MODEL_FILE, RunRecorder, check_run_folder, checkpoint_of
 from fedsim.seeding import SERVER_NODE, derive_seed
+from fedsim.sinks import sinks_for
 from fedsim.strategies import BVRLSGD, SARAH, SCAFFOLD, FedAvg, LocalSGD, MinibatchSGD
 
 
@@ -323,9 +324,11 @@ def run_on_grid(
     From then on the summary and metrics are written even when the run fails or
     is interrupted, with ``status`` saying so, and a checkpoint after every
     ``checkpoint_every`` rounds lets ``resume=True`` continue from the last one.
-    ``engine_info`` (e.g. Ray's start-up time) goes into the summary.
+    ``engine_info`` (e.g. Ray's start-up time) goes into the summary. The metric sinks
+    of ``config.logging`` (``fedsim.sinks``) follow the rounds beside the recorder.
     """
     resume_after = check_run_folder(config, resume=resume, overwrite=overwrite)
+    sinks = sinks_for(config, resume_after=resume_after)  # a missing package: before any work
     task = build_task(config)
     strategy = build_strategy(config)
     central = central_dataset(config.data, config.seed)
@@ -343,6 +346,7 @@ def run_on_grid(
     try:
         with contextlib.ExitStack() as stack:
             observers: list[RoundObserver] = [recorder]
+            observers += [stack.enter_context(sink) for sink in sinks]
             if config.progress:
                 observers.append(
                     stack.enter_context(ProgressBar(config.rounds, description=config.name))

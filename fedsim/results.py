@@ -29,8 +29,8 @@ MODEL_FILE = "model.pt"
 # fedsim's own files in a run folder: any one of them means the folder holds a run,
 # and replacing a run removes exactly these (a user's own files there stay).
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, PLOT_FILE, MODEL_FILE, CHECKPOINT_FILE)
-# Settings a resumed run may change: how long it runs and how it shows progress.
-_RESUMABLE_CHANGES = {"rounds", "progress", "plot"}
+# Settings a resumed run may change: how long it runs, how it shows progress, where it logs.
+_RESUMABLE_CHANGES = {"rounds", "progress", "plot", "logging"}
 
 
 class _NewRunCheckpoint(RunCheckpoint):
@@ -104,7 +104,7 @@ def check_resumable(config: RunConfig) -> int:
     if changed:
         raise ConfigError(
             f"cannot resume {config.run_dir}/ with other settings ({', '.join(changed)} "
-            "differ); only rounds, progress and plot may change"
+            "differ); only rounds, progress, plot and logging may change"
         )
     read_metrics(config.run_dir / METRICS_FILE)  # a line cut short midway: refused here
     # model.pt is the last file a run writes: without it, a run killed after its last

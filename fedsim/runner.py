@@ -12,6 +12,7 @@ from fedsim.engine import InlineGrid
 from fedsim.engine.simulated import threads_for
 from fedsim.experiment import build_task, client_mods, run_on_grid
 from fedsim.results import check_run_folder
+from fedsim.sinks import check_packages
 
 
 def run_experiment(
@@ -25,6 +26,7 @@ def run_experiment(
     are fixed first (``fedsim.allocator``).
     """
     check_run_folder(config, resume=resume, overwrite=overwrite)
+    check_packages(config.logging)  # a missing metric sink's package, before Ray or Flower start
     if config.engine.pin_malloc:
         pin_malloc_thresholds()
     if config.engine.name == "flower":
