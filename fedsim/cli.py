@@ -3,7 +3,14 @@
 Bad input ends in one line naming the problem (exit 2), and so does a run folder
 that already holds a run (unless ``--resume`` or ``--overwrite``); a failing run
 ends in one line pointing at its partial results (exit 1), with ``--debug`` for
-the traceback.
+the traceback. ``fedsim run --example NAME`` runs a config shipped in
+``fedsim/configs/`` (``fedsim demo``: the demo), ``--dry-run`` prints the
+resolved config and the planned cohorts and traffic and runs nothing, and
+``--quiet`` prints only errors.
+
+``fedsim compare RUN_DIR ...`` tabulates and plots finished runs side by side
+(``fedsim.compare``); ``fedsim sweep CONFIG --grid key=v1,v2 ...`` runs a grid of
+``--set`` values one run after another and compares them (``fedsim.sweep``).
 
 ``fedsim certs`` and ``fedsim keys`` write the credentials of a Flower deployment
 (``fedsim.deploy.credentials``) and print the flags that use them; a file already
@@ -12,9 +19,16 @@ a config on a real Flower federation on this machine (``fedsim.deploy.localhost`
 exit 0 when the run completes, 1 otherwise, naming the folder of its logs.
 ``fedsim split CONFIG --out DIR`` writes each client's partition to its own file,
 the data of one SuperNode (``fedsim.data.node_files``).
+
+exit codes:
+  0    done (a dry run: the config is valid)
+  1    the run failed (a sweep: at least one of its runs failed)
+  2    bad input: a config, a flag, a run folder; one line names it
+  130  interrupted (Ctrl-C)
 """
 
 import argparse
+import importlib.resources
 import json
 import logging
 import shlex
@@ -29,9 +43,12 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from fedsim import __version__
 from fedsim.config import ConfigError, RunConfig, load_config
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# The module docstring's last paragraph, shown at the end of --help.
+EXIT_CODES = __doc__[__doc__.index("exit codes:") :]
 # flower-superlink's --port default in Flower 1.41 (flwr.supercore.constant.
 # SUPERLINK_UVICORN_DEFAULT_PORT): SuperNodes and the flwr CLI both dial it.
 SUPERLINK_PORT = 8000
@@ -45,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    """``fedsim run``: run the federation that a TOML config describes."""
+    """``fedsim run`` (and ``fedsim demo``): run the federation that a TOML config describes."""
     try:
-        config = load_config(args.config, args.set)
+        config = _run_config(args)
         from fedsim.results import check_run_folder
 
         check_run_folder(config, resume=args.resume, overwrite=args.overwrite)
@@ -56,9 +73,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         return EXIT_BAD_INPUT
     from fedsim.runner import run_experiment  # heavy imports only once the config is valid
 
-    _configure_logging(console, verbose=args.verbose)
+    _configure_logging(console, verbose=args.verbose, quiet=args.quiet)
 
     try:
+        if args.dry_run:
+            _print_plan(config)
+            return 0
         summary = run_experiment(config, resume=args.resume, overwrite=args.overwrite)
     except KeyboardInterrupt:
         console.print(f"fedsim: interrupted{_results_so_far(config)}")
@@ -67,25 +87,60 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         if args.debug:
             raise
         where = _results_so_far(config)
-        reason = escape(_one_line(f"{type(exc).__name__}: {exc}{where}"))
-        console.print(
-            f"[red]fedsim: run failed:[/red] {reason} (rerun with --debug for the traceback)",
-            highlight=False,
-            soft_wrap=True,
+        _one_line_error(
+            console,
+            "fedsim: run failed:",
+            f"{type(exc).__name__}: {exc}{where}",
+            hint="(rerun with --debug for the traceback)",
         )
         return EXIT_FAILED
-    _print_summary(console, config, summary)
+    if not args.quiet:
+        _print_summary(console, config, summary)
     return 0
 
 
-def _config_error(console: Console, exc: ConfigError) -> None:
-    """Print a config error in one line, as written: its text is data, not rich markup.
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """Load ``fedsim run``'s config: its path, or the shipped example it names."""
+    sets = [*args.set, "progress=false"] if args.quiet else args.set
+    if args.example is None:
+        return load_config(args.config, sets)
+    configs = importlib.resources.files("fedsim") / "configs"
+    examples = sorted(
+        p.name.removesuffix(".toml") for p in configs.iterdir() if p.name.endswith(".toml")
+    )
+    if args.example not in examples:
+        shipped = ", ".join(examples)
+        raise ConfigError(f"--example {args.example!r}: no such example; the examples: {shipped}")
+    with importlib.resources.as_file(configs / f"{args.example}.toml") as path:
+        return load_config(path, sets)
 
-    A value such as ``[/x]`` would otherwise be read as a markup tag (and raise),
-    and a key with a line break would break the line.
+
+def _print_plan(config: RunConfig) -> None:
+    """``fedsim run --dry-run``: print the resolved config and its plan, as a TOML document."""
+    from fedsim.sweep import plan_run, toml_lines
+
+    lines = [
+        f"# fedsim run --dry-run: the resolved config of {config.name!r}",
+        *toml_lines(config),
+        *(f"# {line}" for line in plan_run(config).lines()),
+        f"# nothing was run; results would go to {config.run_dir}/",
+    ]
+    print("\n".join(lines))
+
+
+def _config_error(console: Console, exc: ConfigError) -> None:
+    """Print a config error in one line (:func:`_one_line_error`)."""
+    _one_line_error(console, "fedsim: config error:", str(exc))
+
+
+def _one_line_error(console: Console, prefix: str, text: str, *, hint: str = "") -> None:
+    """Print ``prefix`` (rich markup: red) and ``text`` in one line, ``text`` as written.
+
+    ``text`` is data, not rich markup: a value such as ``[/x]`` would otherwise be
+    read as a markup tag (and raise), and a key with a line break would break the line.
     """
-    text = escape(_one_line(str(exc)))
-    console.print(f"[red]fedsim: config error:[/red] {text}", highlight=False, soft_wrap=True)
+    line = escape(_one_line(text)) + (f" {hint}" if hint else "")
+    console.print(f"[red]{prefix}[/red] {line}", highlight=False, soft_wrap=True)
 
 
 def _one_line(text: str) -> str:
@@ -108,42 +163,32 @@ def _results_so_far(config: RunConfig) -> str:
     return "" if status == "completed" else f"; results so far are in {config.run_dir}/"
 
 
-def _configure_logging(console: Console, *, verbose: bool) -> None:
-    """Show fedsim's warnings (skipped replies) and, with --verbose, Flower's INFO logs.
+def _configure_logging(console: Console, *, verbose: bool, quiet: bool = False) -> None:
+    """Show fedsim's warnings (skipped replies), with --verbose Flower's INFO logs too.
 
     Flower logs each round at INFO and deprecation notices at WARNING; fedsim's
-    progress bar and result files replace both. Called after importing flwr,
-    whose import resets its logger's level.
+    progress bar and result files replace both. --quiet leaves errors only. Called
+    after importing flwr, whose import resets its logger's level.
     """
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.ERROR)
     fedsim_logger = logging.getLogger("fedsim")
-    fedsim_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    fedsim_logger.setLevel(level)
     if not fedsim_logger.handlers:
         fedsim_logger.addHandler(RichHandler(console=console, show_path=False))
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsim", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="fedsim",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines as written
+    )
+    parser.add_argument("--version", action="version", version=f"fedsim {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run a federation described by a TOML config")
-    run.add_argument("config", help="path to a TOML config, e.g. experiments/configs/demo.toml")
-    run.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set rounds=5 --set data.alpha=0.1 (repeatable)",
-    )  # fmt: skip
-    run.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run from its last checkpoint (rounds may be raised to extend it)",
-    )
-    run.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the run already in the run folder, once the new run has started",
-    )
-    run.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
-    run.add_argument("--debug", action="store_true", help="show the traceback when a run fails")
-    run.set_defaults(handler=_run)
+    _add_run_commands(commands)
+    _add_comparison_commands(commands)
 
     certs = commands.add_parser(
         "certs", help="write a CA and a TLS certificate for a Flower SuperLink"
@@ -171,10 +216,7 @@ def _parser() -> argparse.ArgumentParser:
         "--nodes", required=True, type=int, metavar="N",
         help="number of SuperNodes; sets data.num_clients = N (one partition each)",
     )  # fmt: skip
-    deploy.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, as in fedsim run (repeatable)",
-    )  # fmt: skip
+    _add_set_option(deploy)
     deploy.add_argument(
         "--overwrite", action="store_true", help="replace the run already in the run folder"
     )
@@ -196,12 +238,151 @@ def _parser() -> argparse.ArgumentParser:
     )
     split.add_argument("config", help="path to a TOML config, e.g. experiments/configs/demo.toml")
     split.add_argument("--out", required=True, metavar="DIR", help="folder for node-<i>.pt")
-    split.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, as in fedsim run (repeatable)",
-    )  # fmt: skip
+    _add_set_option(split)
     split.set_defaults(handler=_split)
     return parser
+
+
+def _add_set_option(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """Add ``--set KEY=VALUE`` (repeatable), as ``fedsim run`` reads it."""
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help=f"override a config value, {example or 'as in fedsim run'} (repeatable)",
+    )  # fmt: skip
+
+
+def _add_run_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add ``fedsim run`` and its shortcut ``fedsim demo``, which share their options."""
+    options = argparse.ArgumentParser(add_help=False)
+    _add_set_option(options, "e.g. --set rounds=5 --set data.alpha=0.1")
+    options.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run from its last checkpoint (rounds may be raised to extend it)",
+    )
+    options.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in the run folder, once the new run has started",
+    )
+    options.add_argument(
+        "--dry-run", action="store_true",
+        help="print the resolved config and the planned cohorts and traffic; run nothing",
+    )  # fmt: skip
+    talk = options.add_mutually_exclusive_group()
+    talk.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
+    talk.add_argument(
+        "--quiet", action="store_true", help="print errors only: no progress bar, no summary"
+    )
+    options.add_argument("--debug", action="store_true", help="show the traceback when a run fails")
+    run, demo = (
+        commands.add_parser(
+            name,
+            parents=[options],
+            help=text,
+            epilog=EXIT_CODES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for name, text in (
+            ("run", "run a federation described by a TOML config"),
+            ("demo", "run the shipped demo: fedsim run --example demo"),
+        )
+    )
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "config", nargs="?", help="path to a TOML config, e.g. experiments/configs/demo.toml"
+    )
+    source.add_argument(
+        "--example", metavar="NAME", help="a config shipped with fedsim (fedsim/configs/NAME.toml)"
+    )
+    run.set_defaults(handler=_run)
+    demo.set_defaults(handler=_run, config=None, example="demo")
+
+
+def _add_comparison_commands(
+    commands: "argparse._SubParsersAction[argparse.ArgumentParser]",
+) -> None:
+    """Add ``fedsim compare`` and ``fedsim sweep``."""
+    compare = commands.add_parser("compare", help="tabulate and plot finished runs side by side")
+    compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, e.g. runs/demo")
+    compare.add_argument(
+        "--out", default="compare.png", metavar="FILE.png",
+        help="where the plot goes (default: compare.png)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--allow-different-datasets", action="store_true",
+        help="compare runs whose data.dataset differs (refused otherwise)",
+    )  # fmt: skip
+    compare.set_defaults(handler=_compare)
+
+    sweep = commands.add_parser(
+        "sweep", help="run a config over a grid of values, one run after another, and compare"
+    )
+    sweep.add_argument("config", help="path to a TOML config, e.g. experiments/configs/demo.toml")
+    sweep.add_argument(
+        "--grid", action="append", default=[], metavar="KEY=V1,V2",
+        help="a config key's values, e.g. --grid data.alpha=0.1,1.0 (repeatable: all combinations)",
+    )  # fmt: skip
+    _add_set_option(sweep, "for every run of the sweep")
+    sweep.add_argument(
+        "--engine-cluster", action="store_true",
+        help="run each point on the Ray engine in the cluster of engine.address (default: auto)",
+    )  # fmt: skip
+    sweep.add_argument("--overwrite", action="store_true", help="replace the sweep's runs")
+    sweep.add_argument("--verbose", action="store_true", help="show Flower's INFO logs")
+    sweep.set_defaults(handler=_sweep)
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim compare``: one table and one plot of several runs."""
+    from fedsim.compare import IncomparableRunsError, RunFolderError, compare_runs
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        _one_line_error(console, "fedsim compare:", f"--out {args.out}: expected a .png file")
+        return EXIT_BAD_INPUT
+    try:
+        table = compare_runs(args.runs, out, allow_different_datasets=args.allow_different_datasets)
+    except (RunFolderError, IncomparableRunsError) as exc:
+        _one_line_error(console, "fedsim compare:", str(exc))
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # the plot could not be written: still the user's --out
+        _one_line_error(console, "fedsim compare:", f"--out {args.out}: {exc}")
+        return EXIT_BAD_INPUT
+    _print_table(table)
+    print(f"plot in {out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, console: Console) -> int:
+    """``fedsim sweep``: validate every point of the grid, run them, compare those that ran."""
+    from fedsim.sweep import plan_sweep, run_sweep
+
+    try:
+        sweep = plan_sweep(
+            args.config, args.grid, args.set,
+            engine_cluster=args.engine_cluster, overwrite=args.overwrite,
+        )  # fmt: skip
+    except ConfigError as exc:
+        _config_error(console, exc)
+        return EXIT_BAD_INPUT
+    _configure_logging(console, verbose=args.verbose)
+    try:
+        result = run_sweep(
+            sweep,
+            report=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
+        )
+    except KeyboardInterrupt:
+        console.print("fedsim sweep: interrupted")
+        return EXIT_INTERRUPTED
+    if result.table is not None:
+        _print_table(result.table)
+        print(f"plot in {result.plot}")
+    if result.failed:
+        names = ", ".join(point.config.name for point in result.failed)
+        _one_line_error(console, "fedsim sweep:", f"{len(result.failed)} run(s) failed: {names}")
+        return EXIT_FAILED
+    return 0
 
 
 def _certs(args: argparse.Namespace, console: Console) -> int:
@@ -437,6 +618,21 @@ def _written(console: Console, command: str, write: Callable[[], Written]) -> Wr
         soft_wrap=True,
     )
     return None
+
+
+def _print_table(table: Table) -> None:
+    """Print ``table`` to stdout, at its full width when stdout is not a terminal.
+
+    Rich fits tables into 80 columns off a terminal, cutting the runs' names short
+    in a file or pipe, where nothing needs the cut.
+    """
+    console = Console()
+    if not console.is_terminal:
+        unbounded = console.options.update_width(10**4)
+        console = Console(
+            width=max(console.width, console.measure(table, options=unbounded).maximum)
+        )
+    console.print(table)
 
 
 def _print_summary(console: Console, config: RunConfig, summary: dict) -> None:
