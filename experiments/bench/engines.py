@@ -67,12 +67,8 @@ The scale section runs fedsim inline on a tiny model over populations of 10^3 an
 (start-up and memory must not grow with the population), and on a 1M-parameter model at
 cohorts of 10 and 500 (memory must not grow with the cohort: aggregation streams).
 
-pfl 0.6 (the ``bench`` extra) needs dp-accounting, which pins attrs<24 against constraints.txt's
-attrs 26.1.0, so ``pip install -c constraints.txt -e '.[bench]'`` cannot resolve. pfl runs with
-attrs 26 (tests/test_bench.py checks it trains what the floor does); install it with::
-
-    pip install -c constraints.txt --no-deps pfl==0.6.0 dp-accounting==0.5.1
-    pip install -c constraints.txt absl-py dm-tree prv-accountant "wheel<0.46"
+pfl 0.6 comes with the ``bench`` extra: ``make bench`` installs it and runs this file, or
+``pip install -c constraints.txt -e '.[bench]'``. Without it the pfl rows say how to get it.
 """
 
 from __future__ import annotations

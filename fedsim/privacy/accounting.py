@@ -147,14 +147,8 @@ class FixedSizeRdpAccountant(Accountant):
         self.population = population
 
     def _epsilon(self, history: History, delta: float) -> float:
-        try:
-            import dp_accounting
-            from dp_accounting.rdp import rdp_privacy_accountant
-        except ImportError:
-            raise ImportError(
-                "fixed-size cohorts are accounted with dp-accounting, which pins an old attrs: "
-                "pip install --no-deps dp-accounting==0.5.1 dm-tree absl-py (make does this)"
-            ) from None
+        import dp_accounting  # imported here: most runs never account a fixed-size cohort
+        from dp_accounting.rdp import rdp_privacy_accountant
 
         accountant = rdp_privacy_accountant.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
