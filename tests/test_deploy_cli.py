@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedsim.cli import EXIT_BAD_INPUT, deployed_run_config, main
+from fedsim.cli import EXIT_BAD_INPUT, main
 from fedsim.config import load_config
 from fedsim.data.node_files import load_partition
+from fedsim.deploy.cli import deployed_run_config
 from fedsim.deploy.localhost import app_config_keys
 from fedsim.experiment import federated_data
 
