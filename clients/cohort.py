@@ -1,0 +1,328 @@
+"""Train a cohort of clients as one batched computation (``torch.func.vmap``).
+
+A round of K small-model clients costs K Python loops of tiny kernels when they
+train one after another (:func:`fedsim.clients.training.train_epochs`). Here the
+K copies of the global model's parameters are stacked on a leading client axis
+(``torch.func.stack_module_state`` does this for K distinct models; here all
+start equal) and every local step is one call of ``vmap(grad(loss))``: one
+kernel per layer for the whole cohort, and K times fewer Python dispatches.
+
+The result is each client's sequential result, not an approximation of it:
+
+* **Same batches.** Each client's generator draws one ``randperm`` per epoch, as
+  :func:`~fedsim.clients.training.shuffled_batches` does, and the order is cut
+  into batches of ``batch_size``, so a client's last batch of an epoch may be short.
+* **Padding that does nothing.** Clients have different numbers of batches, so
+  the schedule is padded to a common ``(steps, batch_size)`` with slots that
+  point at a real sample of the client but are masked out: the batch loss is
+  the sum of the real samples' losses over their count, the mean the sequential
+  loss takes. A step in which a client has no real sample leaves its
+  parameters and momentum buffers bitwise unchanged (``torch.where``; a zero
+  gradient would still decay them through weight decay and momentum).
+* **The same optimizer arithmetic.** :class:`SGD` applies the operations of
+  ``torch.optim.SGD`` (dampening 0, no Nesterov) in the same order.
+
+Models whose training forward changes buffers (BatchNorm's running statistics)
+or draws from torch's RNG (dropout) are refused: a batched forward cannot replay
+the sequential stream of draws. :func:`cohort_refusal` says why in one line.
+"""
+
+from collections.abc import Callable, Sequence, Sized
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad_and_value, vmap
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fedsim.clients.training import LossFn
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class TrainedClient:
+    """One client's result: its final state (by ``state_dict`` name) and mean minibatch loss."""
+
+    state: dict[str, Tensor]
+    loss: float
+
+
+def train_cohort(
+    model: nn.Module,
+    datasets: Sequence[Dataset],
+    *,
+    loss_fn: LossFn,
+    lr: float,
+    epochs: int,
+    batch_size: int,
+    generators: Sequence[torch.Generator],
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    chunk_size: int | None = None,
+) -> list[TrainedClient]:
+    """Train one client per dataset from ``model``'s state; return their results in order.
+
+    Parameters
+    ----------
+    model
+        The global model. Only called functionally: its tensors are left as they
+        are; it is put in training mode, as ``train_epochs`` does.
+    datasets
+        Each client's ``(input, target)`` samples.
+    loss_fn
+        A batch-mean loss, the mean of per-sample losses (checked on a probe batch).
+    lr, momentum, weight_decay
+        Those of ``torch.optim.SGD``.
+    epochs, batch_size
+        Those of :func:`fedsim.clients.training.train_epochs`.
+    generators
+        One per client, consumed as the sequential path consumes its shuffle
+        generator: one ``randperm`` per epoch.
+    chunk_size
+        Train at most this many clients at once (memory budget); None: all.
+
+    Raises
+    ------
+    ValueError
+        If the model or loss cannot be trained exactly in a cohort; the generators
+        are then untouched, so the caller can fall back to the sequential path.
+    """
+    if len(generators) != len(datasets):
+        raise ValueError(f"need one generator per dataset, got {len(generators)}, {len(datasets)}")
+    if batch_size < 1 or epochs < 0 or (chunk_size is not None and chunk_size < 1):
+        raise ValueError(f"need batch_size >= 1, epochs >= 0, chunk_size >= 1 or None; got "
+                         f"{batch_size}, {epochs}, {chunk_size}")  # fmt: skip
+    device = next(model.parameters()).device
+    data = [_tensors(dataset, device) for dataset in datasets]
+    nonempty = [pair for pair in data if len(pair[1])]
+    if nonempty:
+        inputs, targets = max(nonempty, key=lambda pair: len(pair[1]))
+        reason = cohort_refusal(model, loss_fn, inputs[:batch_size], targets[:batch_size])
+        if reason is not None:
+            raise ValueError(f"cannot train this cohort batched: {reason}")
+    schedules = [
+        _schedule(len(targets), epochs=epochs, batch_size=batch_size, generator=generator)
+        for (_, targets), generator in zip(data, generators, strict=True)
+    ]
+    if not nonempty:
+        return [_result(model, None, 0, 0.0) for _ in datasets]
+    size = chunk_size or len(datasets)
+    results = []
+    for start in range(0, len(datasets), size):
+        part = slice(start, start + size)
+        params, totals = _train_chunk(
+            model,
+            loss_fn,
+            data[part],
+            schedules[part],
+            SGD(lr, momentum=momentum, weight_decay=weight_decay),
+            like=nonempty[0],
+        )
+        for k, schedule in enumerate(schedules[part]):
+            results.append(_result(model, params, k, totals[k].item() / max(len(schedule), 1)))
+    return results
+
+
+@dataclass(frozen=True)
+class SGD:
+    """``torch.optim.SGD`` (dampening 0, no Nesterov) as a pure function of stacked tensors."""
+
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def step(
+        self, params: Params, grads: Params, momenta: Params | None, active: Tensor
+    ) -> tuple[Params, Params | None]:
+        """Return the parameters and momentum buffers after one step.
+
+        Tensors carry a leading client axis; ``active`` (one bool per client) keeps
+        the clients without a batch bitwise where they were. The operations are
+        ``torch.optim.SGD``'s, in its order. ``momenta`` is None at the first step:
+        like SGD's lazily created buffer, it starts as the direction itself
+        (``0 * momentum + d`` could differ from ``d`` in the sign of a zero). Every
+        client's real steps come first in its schedule, so step 0 is the first
+        step of every client that has one.
+        """
+        new_params, new_momenta = {}, {}
+        for name, param in params.items():
+            keep = active.view(-1, *[1] * (param.dim() - 1))
+            direction = grads[name]
+            if self.weight_decay != 0:
+                direction = direction.add(param, alpha=self.weight_decay)
+            if self.momentum != 0:
+                if momenta is not None:
+                    buffer = momenta[name]
+                    direction = torch.where(keep, buffer.mul(self.momentum).add(direction), buffer)
+                new_momenta[name] = direction
+            new_params[name] = torch.where(keep, param.add(direction, alpha=-self.lr), param)
+        return new_params, (new_momenta if self.momentum != 0 else None)
+
+
+def cohort_refusal(
+    model: nn.Module, loss_fn: LossFn, inputs: Tensor, targets: Tensor
+) -> str | None:
+    """Return in one line why ``model`` cannot train in a cohort, or None if it can.
+
+    One training-mode forward pass on ``inputs`` (real samples, doubled so that
+    batch statistics exist) is watched by hooks on every submodule, innermost
+    first: a module whose forward changes its own buffers or advances torch's
+    RNG breaks the batched replay. The loss must be the mean of per-sample
+    losses, or padding could not be masked out (class weights break this). The
+    model's buffers, mode and torch's RNG are left as they were.
+    """
+    if not any(p.requires_grad for p in model.parameters()):
+        return "the model has no trainable parameters"
+    inputs, targets = torch.cat([inputs, inputs]), torch.cat([targets, targets])
+    names = {module: name or "the model" for name, module in model.named_modules()}
+    found: list[str] = []
+    seen: dict[nn.Module, tuple[list[Tensor], list[Tensor]]] = {}
+
+    def before(module: nn.Module, _args: tuple[object, ...]) -> None:
+        seen[module] = (_rng_states(inputs.device), _own_buffers(module))
+
+    def after(module: nn.Module, _args: tuple[object, ...], _output: object) -> None:
+        rng, buffers = seen.pop(module)
+        label = f"{names[module]!r} ({type(module).__name__})"
+        if _changed(rng, _rng_states(inputs.device)):
+            found.append(f"{label} draws from torch's RNG in training, which a batched "
+                         "forward cannot replay per client")  # fmt: skip
+        if _changed(buffers, _own_buffers(module)):
+            found.append(f"{label} updates its buffers in training (e.g. running statistics)")
+
+    saved = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    handles = [module.register_forward_pre_hook(before) for module in model.modules()]
+    handles += [module.register_forward_hook(after) for module in model.modules()]
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda(inputs.device)):
+            outputs = model.train()(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
+    if found:
+        return found[0]
+    with torch.no_grad():
+        batch = loss_fn(outputs, targets)
+        each = [loss_fn(o[None], t[None]) for o, t in zip(outputs, targets, strict=True)]
+    if not torch.allclose(batch, torch.stack(each).mean(), rtol=1e-4, atol=1e-6):
+        return "the loss is not the mean of per-sample losses (class weights?)"
+    return None
+
+
+def _train_chunk(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Sequence[tuple[Tensor, Tensor]],
+    schedules: Sequence[Tensor],
+    sgd: SGD,
+    *,
+    like: tuple[Tensor, Tensor],
+) -> tuple[Params, Tensor]:
+    """Train one chunk of clients; return their stacked parameters and summed batch losses."""
+    count, batch_size = len(data), schedules[0].shape[1]
+    rows = max(1, *(len(targets) for _, targets in data))
+    inputs = _padded([x for x, _ in data], like[0], rows)  # (clients, rows, *sample)
+    targets = _padded([y for _, y in data], like[1], rows)
+    index = torch.full((count, max(map(len, schedules)), batch_size), -1)
+    for k, schedule in enumerate(schedules):
+        index[k, : len(schedule)] = schedule
+    index = index.to(inputs.device)  # (clients, steps, batch_size); -1: padding
+    params = {
+        name: p.detach().expand(count, *p.shape).clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    step = vmap(grad_and_value(_masked_mean_loss(model, loss_fn)))
+    clients = torch.arange(count, device=inputs.device)[:, None]
+    # Default dtype, as train_epochs's running total; += casts each loss into it as there.
+    totals, momenta = torch.zeros(count, device=inputs.device), None
+    model.train()
+    for slots in index.unbind(dim=1):  # (clients, batch_size) per step
+        real, picked = slots >= 0, slots.clamp(min=0)
+        grads, losses = step(params, inputs[clients, picked], targets[clients, picked], real)
+        active = real.any(dim=1)
+        params, momenta = sgd.step(params, grads, momenta, active)
+        totals += torch.where(active, losses.detach(), 0.0)
+    return params, totals
+
+
+def _masked_mean_loss(
+    model: nn.Module, loss_fn: LossFn
+) -> Callable[[Params, Tensor, Tensor, Tensor], Tensor]:
+    """Return ``(params, inputs, targets, real) -> loss``: the mean loss of the real samples."""
+
+    def per_sample(output: Tensor, target: Tensor) -> Tensor:
+        return loss_fn(output[None], target[None])
+
+    def loss(params: Params, inputs: Tensor, targets: Tensor, real: Tensor) -> Tensor:
+        losses = vmap(per_sample)(functional_call(model, params, (inputs,)), targets)
+        return torch.where(real, losses, 0.0).sum() / real.sum().clamp(min=1)
+
+    return loss
+
+
+def _schedule(size: int, *, epochs: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Return each step's samples, shape (steps, batch_size); -1 pads each epoch's last batch.
+
+    One ``randperm`` per epoch from ``generator``, cut into batches: the draws and
+    batches of :func:`~fedsim.clients.training.shuffled_batches`.
+    """
+    batches = -(-size // batch_size)
+    slots = torch.full((epochs, batches * batch_size), -1, dtype=torch.long)
+    for epoch in range(epochs):
+        slots[epoch, :size] = torch.randperm(size, generator=generator)
+    return slots.view(epochs * batches, batch_size)
+
+
+def _tensors(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Return a client's samples as ``(inputs, targets)``, collated as its batches would be."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        inputs, targets = dataset.tensors
+    elif len(cast(Sized, dataset)) == 0:
+        return torch.empty(0, device=device), torch.empty(0, device=device)
+    else:
+        inputs, targets = next(iter(DataLoader(dataset, batch_size=len(cast(Sized, dataset)))))
+    return inputs.to(device), targets.to(device)
+
+
+def _padded(parts: Sequence[Tensor], like: Tensor, rows: int) -> Tensor:
+    """Stack per-client samples on a new client axis, zero-filled to ``rows`` each."""
+    out = like.new_zeros((len(parts), rows, *like.shape[1:]))
+    for k, part in enumerate(parts):
+        if len(part):
+            out[k, : len(part)] = part
+    return out
+
+
+def _result(model: nn.Module, params: Params | None, k: int, loss: float) -> TrainedClient:
+    """Return client ``k``'s state: its trained parameters, the model's other entries."""
+    trained = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
+    state = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        source = params[trained[id(value)]][k] if params and id(value) in trained else value
+        state[key] = source.detach().clone()
+    return TrainedClient(state, loss)
+
+
+def _changed(before: Sequence[Tensor], after: Sequence[Tensor]) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def _own_buffers(module: nn.Module) -> list[Tensor]:
+    return [buffer.clone() for buffer in module.buffers(recurse=False)]
+
+
+def _rng_states(device: torch.device) -> list[Tensor]:
+    """Return the states of the torch generators a forward on ``device`` can draw from."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in _cuda(device))]
+
+
+def _cuda(device: torch.device) -> list[torch.device]:
+    return [device] if device.type == "cuda" else []
