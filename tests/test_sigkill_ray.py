@@ -7,6 +7,7 @@ it; the test collects them before the kill and stops them by PID after, never by
 name. Two Ray starts make this the costly one (about a minute on 2 cores).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -105,3 +106,6 @@ def test_a_kill_mid_round_on_ray_resumes_bit_for_bit(tmp_path: Path, started: _S
     assert resumed.returncode == 0, err[-3000:]
     assert main(_args(tmp_path, "straight")) == 0  # inline: the engines agree bit for bit
     _assert_resumed_to(run, tmp_path / "straight")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["engine"] == "ray" and summary["ray_actors"] == 1
+    assert summary["ray_startup_s"] > 0
