@@ -82,7 +82,7 @@ def test_floor_and_fedsim_in_process_end_on_the_same_weights(runner: Callable) -
 
 
 def test_pfl_trains_what_the_floor_trains() -> None:
-    pytest.importorskip("pfl")
+    pytest.importorskip("pfl", reason="pfl comes with the bench extra: make bench")
     workload = WORKLOADS["W1a"]
     floor = systems.run_floor(workload, rounds=2, seed=0)
     pfl = systems_pfl.run_pfl(workload, rounds=2, seed=0)
