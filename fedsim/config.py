@@ -11,53 +11,20 @@ import dataclasses
 import difflib
 import re
 import tomllib
-import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
-
-
-def _rule(default: Any, check: Callable[[Any], bool], allowed: str) -> Any:
-    """Declare a dataclass field whose value must satisfy ``check`` (described by ``allowed``)."""
-    return field(default=default, metadata={"check": check, "allowed": allowed})
-
-
-def _positive(default: float) -> Any:
-    return _rule(default, lambda v: v > 0, "a number > 0")
-
-
-def _at_least(default: int, low: int) -> Any:
-    return _rule(default, lambda v: v >= low, f"an integer >= {low}")
-
-
-def _fraction(default: float) -> Any:
-    return _rule(default, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
-
-
-class Params(dict[str, Any]):
-    """A plug-in's keyword arguments (``[strategy.params]``): a read-only, hashable dict.
-
-    Configs are frozen and hashable (processes cache what they build per config);
-    a params table is too. Its values are TOML's, checked against the plug-in's
-    signature by ``fedsim.composition``.
-    """
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(repr(sorted(self.items())))
-
-    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
-        return Params, (dict(self),)  # pickle builds it whole, not item by item
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("config params are read-only")
-
-    __setitem__ = __delitem__ = update = pop = clear = setdefault = _read_only  # type: ignore[assignment]
-
+from fedsim.config_fields import (
+    ConfigError,
+    Params,
+    at_least,
+    build_dataclass,
+    fraction,
+    positive,
+    rule,
+)
 
 Partitioner = Literal["iid", "dirichlet", "shards", "qsplit", "natural"]
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
@@ -85,19 +52,19 @@ class DataConfig:
     # How the train split is divided over clients; 'natural': the dataset's own clients.
     partitioner: Partitioner = "dirichlet"
     # The population: one partition, one simulated node, per client.
-    num_clients: int = _at_least(100, 1)
+    num_clients: int = at_least(100, 1)
     # Dirichlet concentration of the 'dirichlet' label skew (small: more skewed).
-    alpha: float = _positive(0.5)
+    alpha: float = positive(0.5)
     # Label-sorted shards each client gets under 'shards'.
-    shards_per_client: int = _at_least(2, 1)
+    shards_per_client: int = at_least(2, 1)
     # The i.i.d. fraction of "qsplit" (our reconstruction of Murata & Suzuki's q).
-    q: float = _rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    q: float = rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     # The server's held-out test split (the Hub datasets keep their own).
-    test_fraction: float = _fraction(0.2)
+    test_fraction: float = fraction(0.2)
     # Synthetic(alpha, beta): variance of the clients' model prior.
-    synthetic_alpha: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    synthetic_alpha: float = rule(1.0, lambda v: v >= 0, "a number >= 0")
     # Synthetic(alpha, beta): variance of the clients' input prior.
-    synthetic_beta: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    synthetic_beta: float = rule(1.0, lambda v: v >= 0, "a number >= 0")
     # A dataset loader's keyword arguments (import paths only).
     params: Params = field(default_factory=Params)
     # Each node's own data: a function of its node_config ('module:function').
@@ -137,20 +104,20 @@ class ClientConfig:
     """Local training on each client."""
 
     # Learning rate of the clients' SGD.
-    lr: float = _positive(0.05)
+    lr: float = positive(0.05)
     # Passes over the local data per round (FedAvg).
-    local_epochs: int = _at_least(1, 1)
+    local_epochs: int = at_least(1, 1)
     # Minibatch size of local training.
-    batch_size: int = _at_least(32, 1)
+    batch_size: int = at_least(32, 1)
     dp_sgd: bool = False  # record-level DP-SGD (Opacus) on each client
     # DP-SGD: Gaussian noise std as a multiple of dp_max_grad_norm.
-    dp_noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    dp_noise_multiplier: float = rule(1.0, lambda v: v >= 0, "a number >= 0")
     # DP-SGD: per-sample gradient clipping norm.
-    dp_max_grad_norm: float = _positive(1.0)
+    dp_max_grad_norm: float = positive(1.0)
     # DP-SGD: the delta at which each node's epsilon is reported.
-    dp_delta: float = _fraction(1e-5)
+    dp_delta: float = fraction(1e-5)
     # Where local training runs; 'auto' takes CUDA, then MPS, then CPU.
-    device: str = _rule(
+    device: str = rule(
         "cpu", lambda v: bool(_DEVICE.fullmatch(v)), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
     )
     # 'auto': the dataset's task decides (cross-entropy for labels, mse for regression);
@@ -169,18 +136,18 @@ class StrategyConfig:
     # A shipped strategy (docs/strategies.md) or a class 'module:Class'.
     name: str = "fedavg"
     # The training cohort drawn each round.
-    clients_per_round: int = _at_least(10, 1)
+    clients_per_round: int = at_least(10, 1)
     # The federated evaluation cohort each round (0: none).
-    evaluate_clients: int = _at_least(0, 0)
+    evaluate_clients: int = at_least(0, 0)
     # The gradient-based strategies (all but fedavg) take K local steps of
     # client.batch_size samples (b; B for minibatch-sgd and sarah) at client.lr.
-    local_steps: int = _at_least(1, 1)
+    local_steps: int = at_least(1, 1)
     # BVR-L-SGD and SARAH: T, rounds per stage (a reference gradient at each start).
-    stage_rounds: int = _at_least(10, 1)
+    stage_rounds: int = at_least(10, 1)
     # BVR-L-SGD and SARAH: samples of the stage's reference gradient.
-    reference_batch_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: full local data)")
+    reference_batch_size: int = rule(0, lambda v: v >= 0, "an integer >= 0 (0: full local data)")
     # SCAFFOLD's global step size eta_g.
-    server_lr: float = _positive(1.0)
+    server_lr: float = positive(1.0)
     # A plug-in strategy's keyword arguments (and gs-wgan's).
     params: Params = field(default_factory=Params)
 
@@ -198,36 +165,36 @@ class PrivacyConfig:
     # Clip each update, release the cohort's sum with Gaussian noise, account epsilon.
     central_dp: bool = False
     # Central DP: noise std on the sum as a multiple of clip_norm.
-    noise_multiplier: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    noise_multiplier: float = rule(1.0, lambda v: v >= 0, "a number >= 0")
     # Central DP: L2 bound on each client's update.
-    clip_norm: float = _positive(0.1)
+    clip_norm: float = positive(0.1)
     # Central DP: how the cohort is drawn, as the accountant assumes it.
     sampling: Literal["poisson", "fixed"] = "poisson"
     # Central DP: Renyi DP or the PRV accountant.
     accountant: Literal["rdp", "prv"] = "rdp"
     # Central DP: the delta at which the run's epsilon is reported.
-    delta: float = _fraction(1e-5)
+    delta: float = fraction(1e-5)
     # Central DP: adapt clip_norm to a quantile of update norms (Andrew et al.).
     adaptive_clipping: bool = False
     # Central DP: calibrate the noise for this many clients per round.
-    noise_cohort_size: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: the cohort)")
+    noise_cohort_size: int = rule(0, lambda v: v >= 0, "an integer >= 0 (0: the cohort)")
     # Central DP: account epsilon for this population.
-    accounting_population: int = _rule(0, lambda v: v >= 0, "an integer >= 0 (0: the population)")
+    accounting_population: int = rule(0, lambda v: v >= 0, "an integer >= 0 (0: the population)")
     # Privatize every update on the device: PrivUnit2 direction + ScalarDP magnitude.
     local_dp: bool = False
     # Local DP: epsilon of the PrivUnit2 direction.
-    epsilon_direction: float = _positive(8.0)
+    epsilon_direction: float = positive(8.0)
     # Local DP: epsilon of the ScalarDP magnitude.
-    epsilon_magnitude: float = _positive(2.0)
+    epsilon_magnitude: float = positive(2.0)
     # Local DP: L2 bound on an update before it is privatized.
-    local_clip: float = _positive(1.0)
+    local_clip: float = positive(1.0)
     # Local DP: levels of ScalarDP's quantized magnitude.
-    magnitude_levels: int = _at_least(10, 1)
+    magnitude_levels: int = at_least(10, 1)
     # The server sees only the cohort's masked sum (Bonawitz et al. 2017).
     secure_aggregation: bool = False
-    secagg_clip_range: float = _positive(1.0)
-    secagg_max_weight: int = _at_least(1000, 1)
-    secagg_threshold: float = _rule(2 / 3, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    secagg_clip_range: float = positive(1.0)
+    secagg_max_weight: int = at_least(1000, 1)
+    secagg_threshold: float = rule(2 / 3, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -243,21 +210,21 @@ class EngineConfig:
     # What runs the clients: fedsim's engines, or Flower's run_simulation.
     name: Literal["inline", "threads", "ray", "flower"] = "inline"
     # Per exchange; unfinished clients become error replies.
-    timeout_s: float = _positive(3600.0)
+    timeout_s: float = positive(3600.0)
     # CPUs per simulated client (Ray; threads: torch threads per worker).
-    num_cpus_per_client: float = _positive(1.0)
+    num_cpus_per_client: float = positive(1.0)
     # GPUs per simulated client on Ray; fractions share a GPU.
-    num_gpus_per_client: float = _rule(
+    num_gpus_per_client: float = rule(
         0.0, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)"
     )
     # Clients that run at once: Ray actors or worker threads (0: fit the CPUs).
-    num_actors: int = _at_least(0, 0)
+    num_actors: int = at_least(0, 0)
     # '': start a local Ray; 'auto' or 'ray://host:10001' joins a cluster.
     address: str = ""
     # Fix glibc's malloc thresholds for the run and its Ray workers.
     pin_malloc: bool = True
     check_finite_arrays: bool = True
-    torch_threads: int = _at_least(0, 0)
+    torch_threads: int = at_least(0, 0)
 
     @property
     def ray_address(self) -> str | None:
@@ -274,17 +241,17 @@ class DevicesConfig:
     # Profiles from a CSV (partition_id,speed,availability,bandwidth_mbps).
     csv: str = ""
     # Speed ~ LogNormal(0, sigma).
-    speed_sigma: float = _rule(0.5, lambda v: v >= 0, "a number >= 0")
+    speed_sigma: float = rule(0.5, lambda v: v >= 0, "a number >= 0")
     # Availability ~ Beta with this mean.
-    availability_mean: float = _rule(0.9, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    availability_mean: float = rule(0.9, lambda v: 0 < v <= 1, "a number in (0, 1]")
     # Availability ~ Beta with this concentration.
-    availability_concentration: float = _positive(10.0)
+    availability_concentration: float = positive(10.0)
     # Bandwidth ~ LogNormal around this median.
-    bandwidth_median_mbps: float = _positive(20.0)
+    bandwidth_median_mbps: float = positive(20.0)
     # Bandwidth's LogNormal sigma.
-    bandwidth_sigma: float = _rule(1.0, lambda v: v >= 0, "a number >= 0")
+    bandwidth_sigma: float = rule(1.0, lambda v: v >= 0, "a number >= 0")
     # Round deadline in simulated seconds; later replies count as late.
-    deadline_s: float = _rule(0.0, lambda v: v >= 0, "a number >= 0 (0: no deadline)")
+    deadline_s: float = rule(0.0, lambda v: v >= 0, "a number >= 0 (0: no deadline)")
 
 
 @dataclass(frozen=True)
@@ -296,11 +263,11 @@ class FaultsConfig:
     """
 
     # Fraction of the clients sampled for training that fault each round (0: none).
-    fraction: float = _rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+    fraction: float = rule(0.0, lambda v: 0 <= v <= 1, "a number in [0, 1]")
     # What a faulty client does, drawn uniformly per faulty client and round.
     kinds: str = "raise"
     # How long a 'hang' sleeps; it must exceed engine.timeout_s.
-    hang_s: float = _positive(5.0)
+    hang_s: float = positive(5.0)
 
     @property
     def kind_list(self) -> tuple[str, ...]:
@@ -343,15 +310,13 @@ class RunConfig:
     """A whole run; see ``experiments/configs/*.toml`` for annotated examples."""
 
     # The run's folder under output_dir.
-    name: str = _rule(
-        "fedsim", lambda v: bool(_NAME.fullmatch(v)), "letters, digits, '.', '_', '-'"
-    )
+    name: str = rule("fedsim", lambda v: bool(_NAME.fullmatch(v)), "letters, digits, '.', '_', '-'")
     # Every random draw derives from (seed, round, node, purpose).
-    seed: int = _at_least(0, 0)
+    seed: int = at_least(0, 0)
     # Rounds to run (a resumed run continues up to it).
-    rounds: int = _at_least(10, 1)
+    rounds: int = at_least(10, 1)
     # Central evaluation every N rounds (always at 0 and the last).
-    eval_every: int = _at_least(1, 1)
+    eval_every: int = at_least(1, 1)
     # Where run folders go.
     output_dir: str = "runs"
     # Write metrics.png.
@@ -359,7 +324,7 @@ class RunConfig:
     # Show the live progress bar.
     progress: bool = True
     # Rounds between checkpoints; --resume continues from the last.
-    checkpoint_every: int = _rule(
+    checkpoint_every: int = rule(
         1, lambda v: v >= 0, "an integer >= 0 (rounds between checkpoints; 0: none)"
     )
     data: DataConfig = field(default_factory=DataConfig)
@@ -404,7 +369,7 @@ def parse_config(raw: Mapping[str, Any]) -> RunConfig:
     and take their ``params``, and every privacy option asked for is one the
     strategy honours (``fedsim.composition``).
     """
-    config = _build(RunConfig, raw, prefix="")
+    config = build_dataclass(RunConfig, raw, prefix="")
     from fedsim.composition import check_composition  # imports the strategy classes
 
     check_composition(config)
@@ -467,51 +432,3 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"{dotted}: {part!r} is a value, not a table")
         tree = child
     tree[leaf] = value
-
-
-def _build(cls: type, raw: Any, *, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "the config"
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where} must be a table, got {type(raw).__name__} {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in raw:
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown key {prefix + str(key)!r}{hint}; allowed in {where}: {', '.join(fields)}"
-            )
-    values = {}
-    for key, value in raw.items():
-        hint = hints[key]
-        if hint is Params:  # a plug-in's keyword arguments: checked against its signature
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{prefix}{key} must be a table, got {value!r}")
-            values[key] = Params(value)
-        elif dataclasses.is_dataclass(hint):
-            values[key] = _build(typing.cast(type, hint), value, prefix=f"{prefix}{key}.")
-        else:
-            values[key] = _check_value(f"{prefix}{key}", value, hint, fields[key].metadata)
-    return cls(**values)
-
-
-def _check_value(key: str, value: Any, hint: Any, metadata: Mapping[str, Any]) -> Any:
-    if typing.get_origin(hint) is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            allowed = ", ".join(repr(c) for c in choices)
-            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {allowed}")
-        return value
-    expected = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[hint]
-    ok = (
-        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
-        if hint is not float
-        else isinstance(value, int | float) and not isinstance(value, bool)
-    )
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} has the wrong type; expected {expected}")
-    value = float(value) if hint is float else value
-    if "check" in metadata and not metadata["check"](value):
-        raise ConfigError(f"{key} = {value!r} is out of range; expected {metadata['allowed']}")
-    return value
