@@ -77,6 +77,9 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     except KeyboardInterrupt:
         console.print(f"fedsim: interrupted{_results_so_far(config)}")
         return EXIT_INTERRUPTED
+    except ConfigError as exc:  # bad input found by run_experiment's checks, before any work
+        config_error(console, exc)
+        return EXIT_BAD_INPUT
     except Exception as exc:  # noqa: BLE001 - the edge turns any failure into one line
         if args.debug:
             raise

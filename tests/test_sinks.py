@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from fedsim.cli import main
+from fedsim.cli import EXIT_BAD_INPUT, main
 from fedsim.config import ConfigError, RunConfig, flatten, load_config
 from fedsim.loop import RoundReport
 from fedsim.runner import run_experiment
@@ -345,7 +345,7 @@ def test_the_cli_names_the_missing_extra_in_one_line(
         for arg in ("--set", override)
     ]
 
-    assert main(["run", DEMO_CONFIG, *sets]) != 0
+    assert main(["run", DEMO_CONFIG, *sets]) == EXIT_BAD_INPUT
 
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "pip install 'fedsim[tensorboard]'" in line
