@@ -12,7 +12,15 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedsim.algorithm import ClientMod, Handler, check_mods, client_actions, message_types
+from fedsim.algorithm import (
+    ClientMod,
+    CohortHandler,
+    Handler,
+    check_mods,
+    client_actions,
+    message_types,
+)
+from fedsim.clients.cohort import client_tensors, per_client_bytes
 from fedsim.clients.torch_client import TorchClient, TorchTask
 
 ClientResolver = Callable[[Context], TorchClient]
@@ -90,3 +98,56 @@ class ProcessClient:
 
     def __getstate__(self) -> dict[str, object]:
         return {"task": self.task, "_client": None}  # a copy builds its own client
+
+
+class CohortApp:
+    """The cohort forms of a ClientApp's actions: what the vmap engine trains batched.
+
+    Plain ``train`` has one (:meth:`TorchClient.train_cohort`); an algorithm's
+    action has one where its :class:`~fedsim.algorithm.ClientAction` gives
+    ``cohort``. ``resolve`` is the ClientApp's own, so both share one model.
+    """
+
+    def __init__(self, resolve: ClientResolver, algorithms: Iterable[type] = ()) -> None:
+        self.resolve = resolve
+        self.handlers: dict[str, CohortHandler] = {MessageType.TRAIN: TorchClient.train_cohort}
+        for algorithm in algorithms:
+            for action in client_actions(algorithm):
+                if action.cohort is None:
+                    self.handlers.pop(action.message_type, None)
+                else:
+                    self.handlers[action.message_type] = action.cohort
+
+    def __call__(
+        self, messages: Sequence[Message], contexts: Sequence[Context]
+    ) -> Sequence[Message | None]:
+        """Answer messages of one type (one model, one config); None: run it one at a time."""
+        client = self.resolve(contexts[0])
+        return self.handlers[messages[0].metadata.message_type](client, messages, contexts)
+
+    def refusal(self, context: Context) -> str | None:
+        """Say in one line why the task cannot train batched (probed on ``context``), or None."""
+        return self.resolve(context).cohort_refusal(context)
+
+    def client_bytes(self, context: Context) -> int:
+        """Estimate the memory one client of a cohort takes (probed on ``context``'s data)."""
+        client = self.resolve(context)
+        inputs, _ = client_tensors(client.partition(context), client.device)
+        return per_client_bytes(
+            client.process_model(), inputs[: client.task.batch_size], len(inputs)
+        )
+
+    def unbatched(self, sent: Iterable[str]) -> list[str]:
+        """Return the training message types among ``sent`` that have no cohort form."""
+        return sorted(
+            t for t in sent if t not in self.handlers and not t.startswith(MessageType.EVALUATE)
+        )
+
+
+def make_apps(
+    task: TorchTask, mods: Sequence[Mod | ClientMod] = (), *, algorithms: Iterable[type] = ()
+) -> tuple[ClientApp, CohortApp]:
+    """Return :func:`make_client_app`'s ClientApp and its :class:`CohortApp`, sharing one client."""
+    algorithms = tuple(algorithms)
+    resolve = ProcessClient(task)
+    return client_app(resolve, mods, algorithms=algorithms), CohortApp(resolve, algorithms)

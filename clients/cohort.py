@@ -49,6 +49,25 @@ class TrainedClient:
     loss: float
 
 
+@dataclass(frozen=True)
+class ClientWork:
+    """One client's local work: its samples, its schedule of batches, a gradient offset.
+
+    ``schedule`` holds each step's sample indices, shape (steps, width); -1 marks a
+    padded slot (:func:`epoch_schedule`, :func:`draw_schedule`). ``offset`` is added
+    to every gradient of the client (SCAFFOLD's correction c - c_p); None: nothing.
+    """
+
+    inputs: Tensor
+    targets: Tensor
+    schedule: Tensor
+    offset: Params | None = None
+
+
+#: ``(params, start) -> penalty`` added to every batch loss: FedProx's (μ/2)‖w - w_0‖².
+Penalty = Callable[[Params, Params], Tensor]
+
+
 def train_cohort(
     model: nn.Module,
     datasets: Sequence[Dataset],
@@ -63,6 +82,9 @@ def train_cohort(
     chunk_size: int | None = None,
 ) -> list[TrainedClient]:
     """Train one client per dataset from ``model``'s state; return their results in order.
+
+    This is :func:`~fedsim.clients.training.train_epochs` for a whole cohort, with
+    the model checked first (:func:`cohort_refusal`).
 
     Parameters
     ----------
@@ -95,34 +117,52 @@ def train_cohort(
         raise ValueError(f"need batch_size >= 1, epochs >= 0, chunk_size >= 1 or None; got "
                          f"{batch_size}, {epochs}, {chunk_size}")  # fmt: skip
     device = next(model.parameters()).device
-    data = [_tensors(dataset, device) for dataset in datasets]
-    nonempty = [pair for pair in data if len(pair[1])]
-    if nonempty:
+    data = [client_tensors(dataset, device) for dataset in datasets]
+    if nonempty := [pair for pair in data if len(pair[1])]:
         inputs, targets = max(nonempty, key=lambda pair: len(pair[1]))
         reason = cohort_refusal(model, loss_fn, inputs[:batch_size], targets[:batch_size])
         if reason is not None:
             raise ValueError(f"cannot train this cohort batched: {reason}")
-    schedules = [
-        _schedule(len(targets), epochs=epochs, batch_size=batch_size, generator=generator)
-        for (_, targets), generator in zip(data, generators, strict=True)
+    work = [
+        ClientWork(inputs, targets, epoch_schedule(len(targets), epochs, batch_size, generator))
+        for (inputs, targets), generator in zip(data, generators, strict=True)
     ]
-    if not nonempty:
-        return [_result(model, None, 0, 0.0) for _ in datasets]
-    size = chunk_size or len(datasets)
-    results = []
-    for start in range(0, len(datasets), size):
-        part = slice(start, start + size)
-        params, totals = _train_chunk(
-            model,
-            loss_fn,
-            data[part],
-            schedules[part],
-            SGD(lr, momentum=momentum, weight_decay=weight_decay),
-            like=nonempty[0],
-        )
-        for k, schedule in enumerate(schedules[part]):
-            results.append(_result(model, params, k, totals[k].item() / max(len(schedule), 1)))
-    return results
+    size = chunk_size or len(work)
+    sgd = SGD(lr, momentum=momentum, weight_decay=weight_decay)
+    return [
+        result
+        for start in range(0, len(work), size)
+        for result in train_stacked(model, work[start : start + size], loss_fn=loss_fn, sgd=sgd)
+    ]
+
+
+def train_stacked(
+    model: nn.Module,
+    clients: Sequence[ClientWork],
+    *,
+    loss_fn: LossFn,
+    sgd: "SGD",
+    penalty: Penalty | None = None,
+    start: Params | None = None,
+) -> list[TrainedClient]:
+    """Train ``clients`` at once from ``start`` (default: ``model``'s parameters).
+
+    The model is not checked here (see :func:`cohort_refusal`) and is used
+    functionally; its other state entries (buffers) come back as they are. A
+    client's loss is the mean of its real steps' batch losses (``penalty``
+    included), 0.0 for a client without steps.
+    """
+    model.train()
+    if start is None:
+        start = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    if not any(len(work.targets) for work in clients):
+        params = {name: value.expand(len(clients), *value.shape) for name, value in start.items()}
+        return [_result(model, params, k, 0.0) for k in range(len(clients))]
+    params, totals = _train_chunk(model, loss_fn, clients, sgd, penalty, start)
+    steps = [int((work.schedule >= 0).any(dim=1).sum()) for work in clients]
+    return [
+        _result(model, params, k, totals[k].item() / max(count, 1)) for k, count in enumerate(steps)
+    ]
 
 
 @dataclass(frozen=True)
@@ -132,6 +172,20 @@ class SGD:
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> "SGD":
+        """Return the SGD ``optimizer`` runs; ``ValueError`` (one line) if it runs another."""
+        groups = optimizer.param_groups
+        if type(optimizer) is not torch.optim.SGD or len(groups) != 1:
+            name, count = type(optimizer).__name__, len(groups)
+            raise ValueError(f"the client optimizer {name} (with {count} parameter groups) "
+                             "is not plain torch.optim.SGD")  # fmt: skip
+        group = groups[0]
+        if group["nesterov"] or group["dampening"] or group["maximize"]:
+            raise ValueError("the client's torch.optim.SGD uses nesterov, dampening or "
+                             "maximize, which the cohort's SGD does not")  # fmt: skip
+        return cls(group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
 
     def step(
         self, params: Params, grads: Params, momenta: Params | None, active: Tensor
@@ -219,56 +273,68 @@ def cohort_refusal(
 def _train_chunk(
     model: nn.Module,
     loss_fn: LossFn,
-    data: Sequence[tuple[Tensor, Tensor]],
-    schedules: Sequence[Tensor],
+    clients: Sequence[ClientWork],
     sgd: SGD,
-    *,
-    like: tuple[Tensor, Tensor],
+    penalty: Penalty | None,
+    start: Params,
 ) -> tuple[Params, Tensor]:
     """Train one chunk of clients; return their stacked parameters and summed batch losses."""
-    count, batch_size = len(data), schedules[0].shape[1]
-    rows = max(1, *(len(targets) for _, targets in data))
-    inputs = _padded([x for x, _ in data], like[0], rows)  # (clients, rows, *sample)
-    targets = _padded([y for _, y in data], like[1], rows)
-    index = torch.full((count, max(map(len, schedules)), batch_size), -1)
-    for k, schedule in enumerate(schedules):
-        index[k, : len(schedule)] = schedule
-    index = index.to(inputs.device)  # (clients, steps, batch_size); -1: padding
-    params = {
-        name: p.detach().expand(count, *p.shape).clone()
-        for name, p in model.named_parameters()
-        if p.requires_grad
-    }
-    step = vmap(grad_and_value(_masked_mean_loss(model, loss_fn)))
-    clients = torch.arange(count, device=inputs.device)[:, None]
+    count = len(clients)
+    like = next(work for work in clients if len(work.targets))
+    rows = max(len(work.targets) for work in clients)
+    inputs = _padded([work.inputs for work in clients], like.inputs, rows)  # (clients, rows, ...)
+    targets = _padded([work.targets for work in clients], like.targets, rows)
+    steps = max(len(work.schedule) for work in clients)
+    width = max(work.schedule.shape[1] for work in clients)
+    index = torch.full((count, steps, width), -1)
+    for k, work in enumerate(clients):
+        index[k, : len(work.schedule), : work.schedule.shape[1]] = work.schedule
+    index = index.to(inputs.device)  # (clients, steps, width); -1: padding
+    params = {name: p.expand(count, *p.shape).clone() for name, p in start.items()}
+    offsets = _stacked_offsets(clients, start)
+    loss = _masked_mean_loss(model, loss_fn, penalty)
+    step = vmap(grad_and_value(loss), in_dims=(0, 0, 0, 0, None))
+    rows_of = torch.arange(count, device=inputs.device)[:, None]
     # Default dtype, as train_epochs's running total; += casts each loss into it as there.
     totals, momenta = torch.zeros(count, device=inputs.device), None
-    model.train()
-    for slots in index.unbind(dim=1):  # (clients, batch_size) per step
+    for slots in index.unbind(dim=1):  # (clients, width) per step
         real, picked = slots >= 0, slots.clamp(min=0)
-        grads, losses = step(params, inputs[clients, picked], targets[clients, picked], real)
+        grads, losses = step(params, inputs[rows_of, picked], targets[rows_of, picked], real, start)
+        if offsets is not None:
+            grads = {name: grads[name] + offsets[name] for name in grads}
         active = real.any(dim=1)
         params, momenta = sgd.step(params, grads, momenta, active)
         totals += torch.where(active, losses.detach(), 0.0)
     return params, totals
 
 
+def _stacked_offsets(clients: Sequence[ClientWork], start: Params) -> Params | None:
+    """Stack the clients' gradient offsets (zeros for a client without one); None if none has."""
+    if all(work.offset is None for work in clients):
+        return None
+    zeros = {name: torch.zeros_like(value) for name, value in start.items()}
+    return {name: torch.stack([(work.offset or zeros)[name] for work in clients]) for name in start}
+
+
 def _masked_mean_loss(
-    model: nn.Module, loss_fn: LossFn
-) -> Callable[[Params, Tensor, Tensor, Tensor], Tensor]:
-    """Return ``(params, inputs, targets, real) -> loss``: the mean loss of the real samples."""
+    model: nn.Module, loss_fn: LossFn, penalty: Penalty | None
+) -> Callable[[Params, Tensor, Tensor, Tensor, Params], Tensor]:
+    """Return ``(params, inputs, targets, real, start) -> loss``: the real samples' mean loss."""
 
     def per_sample(output: Tensor, target: Tensor) -> Tensor:
         return loss_fn(output[None], target[None])
 
-    def loss(params: Params, inputs: Tensor, targets: Tensor, real: Tensor) -> Tensor:
+    def loss(
+        params: Params, inputs: Tensor, targets: Tensor, real: Tensor, start: Params
+    ) -> Tensor:
         losses = vmap(per_sample)(functional_call(model, params, (inputs,)), targets)
-        return torch.where(real, losses, 0.0).sum() / real.sum().clamp(min=1)
+        mean = torch.where(real, losses, 0.0).sum() / real.sum().clamp(min=1)
+        return mean if penalty is None else mean + penalty(params, start)
 
     return loss
 
 
-def _schedule(size: int, *, epochs: int, batch_size: int, generator: torch.Generator) -> Tensor:
+def epoch_schedule(size: int, epochs: int, batch_size: int, generator: torch.Generator) -> Tensor:
     """Return each step's samples, shape (steps, batch_size); -1 pads each epoch's last batch.
 
     One ``randperm`` per epoch from ``generator``, cut into batches: the draws and
@@ -281,7 +347,20 @@ def _schedule(size: int, *, epochs: int, batch_size: int, generator: torch.Gener
     return slots.view(epochs * batches, batch_size)
 
 
-def _tensors(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
+def draw_schedule(size: int, steps: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Return ``steps`` batches of distinct samples, shape (steps, width).
+
+    The draws of :meth:`fedsim.clients.local_routines.LocalData.batch`: one
+    ``randperm(size)[:batch_size]`` per step, or every sample in order (no draw)
+    when ``batch_size`` is 0 or at least ``size``.
+    """
+    if batch_size <= 0 or batch_size >= size:
+        return torch.arange(size).expand(steps, size).clone()
+    draws = [torch.randperm(size, generator=generator)[:batch_size] for _ in range(steps)]
+    return torch.stack(draws) if draws else torch.empty((0, batch_size), dtype=torch.long)
+
+
+def client_tensors(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
     """Return a client's samples as ``(inputs, targets)``, collated as its batches would be."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         inputs, targets = dataset.tensors
@@ -301,12 +380,12 @@ def _padded(parts: Sequence[Tensor], like: Tensor, rows: int) -> Tensor:
     return out
 
 
-def _result(model: nn.Module, params: Params | None, k: int, loss: float) -> TrainedClient:
+def _result(model: nn.Module, params: Params, k: int, loss: float) -> TrainedClient:
     """Return client ``k``'s state: its trained parameters, the model's other entries."""
     trained = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     state = {}
     for key, value in model.state_dict(keep_vars=True).items():
-        source = params[trained[id(value)]][k] if params and id(value) in trained else value
+        source = params[trained[id(value)]][k] if id(value) in trained else value
         state[key] = source.detach().clone()
     return TrainedClient(state, loss)
 
@@ -326,3 +405,31 @@ def _rng_states(device: torch.device) -> list[Tensor]:
 
 def _cuda(device: torch.device) -> list[torch.device]:
     return [device] if device.type == "cuda" else []
+
+
+def per_client_bytes(model: nn.Module, batch: Tensor, rows: int) -> int:
+    """Estimate the memory one client adds to a cohort: its state, data and activations.
+
+    Its parameters are held five times (parameters, next parameters, gradients,
+    momentum, offset), its ``rows`` samples once (padded), and every submodule's
+    output for a ``batch`` three times (kept for the backward pass, its gradient,
+    and a margin for the batched kernels' temporaries), as one probe forward pass
+    measures them. An estimate for sizing chunks, not a bound.
+    """
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    sample = batch[0].numel() * batch.element_size() if len(batch) else 0
+    outputs = [0]
+
+    def count(_module: nn.Module, _args: object, output: object) -> None:
+        if isinstance(output, Tensor):
+            outputs[0] += output.numel() * output.element_size()
+
+    handles = [module.register_forward_hook(count) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            if len(batch):
+                model(batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return 5 * parameters + rows * sample + 3 * outputs[0]

@@ -7,7 +7,7 @@ model. Each action lives with its strategy; these are the parts they share,
 on the process's :class:`~fedsim.clients.TorchClient` (model, device, data).
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import cast
 from weakref import WeakKeyDictionary
 
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
+from fedsim.clients.cohort import ClientWork, draw_schedule
 from fedsim.clients.local_routines import LocalData, Point
 from fedsim.clients.torch_client import TorchClient
 from fedsim.records import config_number, get_record
@@ -70,6 +71,32 @@ def local_data(client: TorchClient, context: Context) -> LocalData:
     """Return the node's whole partition as two tensors on the client's device."""
     inputs, targets = _tensors_of(client.partition(context))
     return LocalData(inputs.to(client.device), targets.to(client.device))
+
+
+def cohort_workers(
+    client: TorchClient,
+    messages: Sequence[Message],
+    contexts: Sequence[Context],
+    *,
+    steps: int,
+    batch_size: int,
+) -> list[tuple[int, ClientWork]]:
+    """Return each worker's data and batch draws for a cohort, by message index.
+
+    The draws are those ``local_steps`` makes (:func:`fedsim.clients.cohort.draw_schedule`
+    from :func:`batch_generator`). A worker without samples is left out: its
+    message goes through the one-at-a-time action, whose error reply says why.
+    """
+    workers = []
+    for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
+        inputs, targets = _tensors_of(client.partition(context))
+        if len(targets):
+            schedule = draw_schedule(
+                len(targets), steps, batch_size, batch_generator(message, context)
+            )
+            inputs, targets = inputs.to(client.device), targets.to(client.device)
+            workers.append((index, ClientWork(inputs, targets, schedule)))
+    return workers
 
 
 def batch_generator(message: Message, context: Context) -> torch.Generator:

@@ -1,7 +1,7 @@
 """A Flower ``ClientApp`` around any PyTorch model, loss and data partition."""
 
 import warnings
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -20,13 +20,21 @@ from torch.utils.data import Dataset
 
 from fedsim import keys
 from fedsim.arrays import arrays_of, to_array_record
+from fedsim.clients.cohort import (
+    SGD,
+    ClientWork,
+    client_tensors,
+    cohort_refusal,
+    epoch_schedule,
+    train_stacked,
+)
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.trainer import trainer_for
 from fedsim.clients.training import TASK_METRICS, LossFn, evaluate
 from fedsim.data.datasets import Task
 from fedsim.engine.threaded import on_worker_thread
 from fedsim.records import config_number, get_record, records_of
-from fedsim.seeding import GLOBAL_RNG_LOCK, derive_seed, seeded_torch_rng
+from fedsim.seeding import GLOBAL_RNG_LOCK, derive_seed, seeded_torch_rng, torch_generator
 
 if TYPE_CHECKING:  # Opacus loads only when a client trains with DP-SGD
     from opacus import GradSampleModule
@@ -184,17 +192,87 @@ class TorchClient:
                 epochs=config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs),
                 batch_size=config_number(config, keys.BATCH_SIZE, int, self.task.batch_size),
             )
-        extra_metrics = trainer.spend(context)
+        return self._trained_reply(
+            message, self.trained_state(), len(cast(Sized, dataset)), train_loss,
+            trainer.spend(context),
+        )  # fmt: skip
+
+    def train_cohort(
+        self, messages: Sequence[Message], contexts: Sequence[Context]
+    ) -> list[Message | None]:
+        """Answer a cohort's ``train`` messages (one global model, one config) at once.
+
+        Each client's reply is what :meth:`train` replies to within float rounding:
+        the same seeded batch order, the same SGD arithmetic, its own number of
+        steps (see :mod:`fedsim.clients.cohort`). The vmap engine calls this only
+        where :meth:`cohort_refusal` found nothing to refuse.
+        """
+        config = get_record(messages[0].content, keys.CONFIG, ConfigRecord)
+        arrays = get_record(messages[0].content, keys.ARRAYS, ArrayRecord)
+        model = self.model(arrays)
+        seed = config_number(config, keys.SEED, int, 0)
+        round_ = config_number(config, keys.SERVER_ROUND, int, 0)
+        epochs = config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs)
+        batch_size = config_number(config, keys.BATCH_SIZE, int, self.task.batch_size)
+        sgd = self.cohort_sgd(config_number(config, keys.LR, float, self.task.lr))
+        work = []
+        for context in contexts:
+            inputs, targets = client_tensors(self.partition(context), self.device)
+            partition = int(context.node_config[keys.PARTITION_ID])
+            shuffle = torch_generator(seed, round_, partition, "shuffle")
+            schedule = epoch_schedule(len(targets), epochs, batch_size, shuffle)
+            work.append(ClientWork(inputs, targets, schedule))
+        results = train_stacked(model, work, loss_fn=self.task.loss_fn, sgd=sgd)
+        return [
+            self._trained_reply(
+                message, {name: result.state[name] for name in arrays}, len(w.targets), result.loss
+            )
+            for message, result, w in zip(messages, results, work, strict=True)
+        ]
+
+    def cohort_sgd(self, lr: float) -> SGD:
+        """Return the task's optimizer as the cohort's SGD; ``ValueError`` if it is no plain SGD."""
+        return SGD.of(self.task.optimizer_fn(self.process_model().parameters(), lr))
+
+    def cohort_refusal(self, context: Context) -> str | None:
+        """Say in one line why this task's training cannot run as a cohort, or None.
+
+        DP-SGD draws Poisson batches and clips per sample; an optimizer other than
+        plain ``torch.optim.SGD`` has no batched form here; a model that changes
+        buffers or draws from torch's RNG in training cannot be replayed per client
+        (:func:`fedsim.clients.cohort.cohort_refusal`, probed on ``context``'s data).
+        """
+        if self.task.dp_sgd is not None:
+            return "client.dp_sgd trains each client with Poisson batches and per-sample clipping"
+        try:
+            self.cohort_sgd(self.task.lr)
+        except ValueError as exc:
+            return str(exc)
+        inputs, targets = client_tensors(self.partition(context), self.device)
+        if not len(targets):
+            return None  # nothing to probe on: a first node without data says nothing
+        size = self.task.batch_size
+        return cohort_refusal(
+            self.process_model(), self.task.loss_fn, inputs[:size], targets[:size]
+        )
+
+    @staticmethod
+    def _trained_reply(
+        message: Message,
+        state: Mapping[str, torch.Tensor],
+        num_examples: int,
+        train_loss: float,
+        extra_metrics: Mapping[str, float] | None = None,
+    ) -> Message:
+        """Reply the trained model, the number of examples, the mean loss and ``extra_metrics``."""
         content = RecordDict(
             {
-                keys.ARRAYS: to_array_record(
-                    {k: t.numpy(force=True) for k, t in self.trained_state().items()}
-                ),
+                keys.ARRAYS: to_array_record({k: t.numpy(force=True) for k, t in state.items()}),
                 keys.METRICS: MetricRecord(
                     {
-                        keys.NUM_EXAMPLES: len(cast(Sized, dataset)),
+                        keys.NUM_EXAMPLES: num_examples,
                         keys.TRAIN_LOSS: train_loss,
-                        **extra_metrics,
+                        **(extra_metrics or {}),
                     }
                 ),
             }

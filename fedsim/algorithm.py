@@ -24,7 +24,7 @@ come as :class:`ClientMod`, which names the message types the mod is written for
 a ClientApp whose algorithms send another type refuses to start.
 """
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -46,6 +46,11 @@ PRIVACY_OPTIONS: Mapping[str, str] = {
 }
 
 Handler = Callable[["TorchClient", Message, Context], Message]
+#: Answers many messages of one type, one global model and config, at once (the vmap
+#: engine); None for a message it leaves to the one-at-a-time handler.
+CohortHandler = Callable[
+    ["TorchClient", Sequence[Message], Sequence[Context]], Sequence[Message | None]
+]
 
 
 @dataclass(frozen=True)
@@ -55,10 +60,14 @@ class ClientAction:
     ``message_type`` is Flower's ``"<category>.<action>"`` (``"train.scaffold"``);
     the handler gets the process's :class:`~fedsim.clients.TorchClient` (model,
     device, data), the message and the node's context, and returns the reply.
+    ``cohort``, if given, answers a whole cohort's messages as one batched
+    computation with the handler's results (see ``fedsim.clients.cohort``); the
+    vmap engine uses it, every other engine the handler.
     """
 
     message_type: str
     handler: Handler
+    cohort: CohortHandler | None = None
 
 
 @dataclass(frozen=True)

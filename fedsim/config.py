@@ -203,12 +203,13 @@ class EngineConfig:
 
     ``check_finite_arrays`` turns a reply whose arrays hold a NaN or an Inf into an
     error reply (fedsim's engines; Flower's runtimes pass them on). ``torch_threads``
-    is the inline engine's torch thread count (0: torch's default, one per core);
-    the threads and Ray engines take theirs from ``num_cpus_per_client``.
+    is the inline and vmap engines' torch thread count (0: torch's default, one per
+    core); the threads and Ray engines take theirs from ``num_cpus_per_client``. The
+    vmap engine trains a cohort as one batched computation (``fedsim.engine.vmap``).
     """
 
     # What runs the clients: fedsim's engines, or Flower's run_simulation.
-    name: Literal["inline", "threads", "ray", "flower"] = "inline"
+    name: Literal["inline", "threads", "vmap", "ray", "flower"] = "inline"
     # Per exchange; unfinished clients become error replies.
     timeout_s: float = positive(3600.0)
     # CPUs per simulated client (Ray; threads: torch threads per worker).
@@ -225,6 +226,8 @@ class EngineConfig:
     pin_malloc: bool = True
     check_finite_arrays: bool = True
     torch_threads: int = at_least(0, 0)
+    # vmap: clients trained at once (0: from the device's free memory).
+    vmap_chunk: int = at_least(0, 0)
 
     @property
     def ray_address(self) -> str | None:

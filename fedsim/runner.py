@@ -1,9 +1,11 @@
 """Run a config on the engine it names."""
 
+import logging
 from typing import Any
 
 from flwr.clientapp import ClientApp
 
+from fedsim.algorithm import message_types
 from fedsim.allocator import pin_malloc_thresholds
 from fedsim.clients import make_client_app
 from fedsim.composition import strategy_class
@@ -13,6 +15,8 @@ from fedsim.engine.simulated import threads_for
 from fedsim.experiment import build_task, client_mods, run_on_grid
 from fedsim.results import check_run_folder
 from fedsim.sinks import check_packages
+
+logger = logging.getLogger(__name__)
 
 
 def run_experiment(
@@ -35,6 +39,8 @@ def run_experiment(
         return _run_on_ray(config, resume=resume, overwrite=overwrite)
     if config.engine.name == "threads":
         return _run_on_threads(config, resume=resume, overwrite=overwrite)
+    if config.engine.name == "vmap":
+        return _run_on_vmap(config, resume=resume, overwrite=overwrite)
     with InlineGrid(
         engine_client_app(config),
         num_nodes=config.data.num_clients,
@@ -59,6 +65,39 @@ def engine_client_app(config: RunConfig) -> ClientApp:
     return make_client_app(
         build_task(config), client_mods(config), algorithms=[strategy_class(config)]
     )
+
+
+def _run_on_vmap(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any]:
+    """Run inline with each cohort's training batched (``fedsim.engine.vmap``)."""
+    from fedsim.clients.client_app import make_apps
+    from fedsim.engine.vmap import VmapGrid
+
+    mods = client_mods(config)
+    algorithm = strategy_class(config)
+    refusal: str | None
+    if config.privacy.secure_aggregation:
+        client_app, refusal = engine_client_app(config), "secure aggregation masks every update"
+        cohort_app = None
+    else:
+        client_app, cohort_app = make_apps(build_task(config), mods, algorithms=[algorithm])
+        names = ", ".join(m.name for m in mods)
+        refusal = f"client mods ({names}) wrap each message" if mods else None
+    if cohort_app is not None and not refusal:
+        if unbatched := cohort_app.unbatched(message_types([algorithm])):
+            logger.warning("engine vmap: %s's %s %s no batched form and run one at a time",
+                           algorithm.__name__, ", ".join(unbatched),
+                           "has" if len(unbatched) == 1 else "have")  # fmt: skip
+    with VmapGrid(
+        client_app,
+        cohort_app,
+        num_nodes=config.data.num_clients,
+        refusal=refusal,
+        chunk_size=config.engine.vmap_chunk,
+        run_config=flatten(config),
+        torch_threads=config.engine.torch_threads or None,
+        check_finite_arrays=config.engine.check_finite_arrays,
+    ) as grid:
+        return run_on_grid(config, grid, engine="vmap", resume=resume, overwrite=overwrite)
 
 
 def _run_on_threads(config: RunConfig, *, resume: bool, overwrite: bool) -> dict[str, Any]:

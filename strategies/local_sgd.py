@@ -5,6 +5,8 @@ point; the server averages the workers' last points (unweighted: the objective
 is the mean of the workers' losses). One exchange per round, d each way.
 """
 
+from collections.abc import Sequence
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid
 
@@ -12,9 +14,11 @@ from fedsim import keys
 from fedsim.algorithm import ClientAction
 from fedsim.arrays import to_array_record
 from fedsim.clients import TorchClient
+from fedsim.clients.cohort import SGD, train_stacked
 from fedsim.clients.local_routines import local_steps
 from fedsim.clients.points import (
     batch_generator,
+    cohort_workers,
     config_of,
     local_data,
     model_for,
@@ -53,10 +57,43 @@ def local(client: TorchClient, message: Message, context: Context) -> Message:
     return reply_with(message, {keys.ARRAYS: last}, loss, len(data), trainer.spend(context))
 
 
+def local_cohort(
+    client: TorchClient, messages: Sequence[Message], contexts: Sequence[Context]
+) -> list[Message | None]:
+    """Local SGD's K steps for a whole cohort as one batched computation.
+
+    Each worker draws its batches from its own generator, as :func:`local` does
+    (``draw_schedule`` replays ``LocalData.batch``). BVR-L-SGD's LocalRoutine (an
+    ``estimate`` record: gradients at two points per step) and workers without
+    samples (an error reply) are left to :func:`local`.
+    """
+    if keys.ESTIMATE in records_of(messages[0].content, ArrayRecord):
+        return [None] * len(messages)
+    config, point = config_of(messages[0]), point_of(client, messages[0])
+    lr = config_number(config, keys.LR, float)
+    steps = config_number(config, keys.LOCAL_STEPS, int)
+    size = config_number(config, keys.BATCH_SIZE, int)
+    workers = cohort_workers(client, messages, contexts, steps=steps, batch_size=size)
+    results = train_stacked(
+        model_for(client, point),
+        [work for _, work in workers],
+        loss_fn=client.task.loss_fn,
+        sgd=SGD(lr),
+        start=point,
+    )
+    replies: list[Message | None] = [None] * len(messages)
+    for (index, work), result in zip(workers, results, strict=True):
+        last = {name: result.state[name] for name in point}
+        replies[index] = reply_with(
+            messages[index], {keys.ARRAYS: last}, result.loss, len(work.targets)
+        )
+    return replies
+
+
 class LocalSGD(GradientStrategy):
     """Local SGD; ``local_steps`` is K, ``batch_size`` b, ``lr`` the local step size η."""
 
-    client_actions = (ClientAction(keys.TRAIN_LOCAL, local),)
+    client_actions = (ClientAction(keys.TRAIN_LOCAL, local, cohort=local_cohort),)
     privacy_refusals = refusals("Local SGD", "train.local")
 
     def train_round(

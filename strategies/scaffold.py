@@ -8,8 +8,8 @@ steps x <- x + η_g mean Δy and c <- c + (|S| / N) mean Δc, |S| the workers th
 replied and N the population. 2d each way per worker.
 """
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,9 +21,11 @@ from fedsim import keys
 from fedsim.algorithm import ClientAction
 from fedsim.arrays import to_array_record
 from fedsim.clients import TorchClient
+from fedsim.clients.cohort import SGD, train_stacked
 from fedsim.clients.local_routines import LocalData, Point, mean_loss, plain_trainer
 from fedsim.clients.points import (
     batch_generator,
+    cohort_workers,
     config_of,
     local_data,
     model_for,
@@ -76,25 +78,30 @@ def scaffold_steps(
         gradient, loss = trainer.gradient(model, loss_fn, point, batch)
         losses.append(loss)
         point = {name: point[name] - lr * (gradient[name] + correction[name]) for name in point}
-    delta = {name: point[name] - start[name] for name in point}
+    return (*_changes(start, point, server_control, client_control, lr * steps), mean_loss(losses))
+
+
+def _changes(
+    start: Mapping[str, Tensor],
+    end: Mapping[str, Tensor],
+    server_control: Mapping[str, Tensor],
+    client_control: Mapping[str, Tensor],
+    distance: float,
+) -> tuple[Point, Point, Point]:
+    """Return Δy = y - x, Δc = c_p+ - c_p and c_p+ = c_p - c + (x - y) / (K η_l)."""
+    delta = {name: end[name] - start[name] for name in end}
     new_control = {
-        name: client_control[name] - server_control[name] - delta[name] / (steps * lr)
-        for name in point
+        name: client_control[name] - server_control[name] - delta[name] / distance for name in end
     }
-    control_delta = {name: new_control[name] - client_control[name] for name in point}
-    return delta, control_delta, new_control, mean_loss(losses)
+    control_delta = {name: new_control[name] - client_control[name] for name in end}
+    return delta, control_delta, new_control
 
 
 def scaffold(client: TorchClient, message: Message, context: Context) -> Message:
     """Client action ``train.scaffold``: reply Δy and Δc; keep c_p in ``Context.state``."""
     config, point = config_of(message), point_of(client, message)
     server_control = tensors(client, get_record(message.content, keys.CONTROL, ArrayRecord))
-    stored = records_of(context.state, ArrayRecord).get(keys.CLIENT_CONTROL)
-    client_control = (
-        tensors(client, stored)
-        if stored is not None
-        else {name: torch.zeros_like(value) for name, value in point.items()}
-    )
+    client_control = _client_control(client, context, point)
     data, trainer = local_data(client, context), trainer_for(client.task, message, context)
     delta, control_delta, new_control, loss = scaffold_steps(
         model_for(client, point),
@@ -114,13 +121,56 @@ def scaffold(client: TorchClient, message: Message, context: Context) -> Message
     return reply_with(message, vectors, loss, len(data), trainer.spend(context))
 
 
+def scaffold_cohort(
+    client: TorchClient, messages: Sequence[Message], contexts: Sequence[Context]
+) -> list[Message | None]:
+    """SCAFFOLD's corrected local steps for a whole cohort as one batched computation.
+
+    Each worker's correction c - c_p is a constant offset on its gradients; batches
+    and the control update are :func:`scaffold`'s. Workers without samples are left
+    to :func:`scaffold` (its error reply).
+    """
+    config, point = config_of(messages[0]), point_of(client, messages[0])
+    server_control = tensors(client, get_record(messages[0].content, keys.CONTROL, ArrayRecord))
+    lr = config_number(config, keys.LR, float)
+    steps = config_number(config, keys.LOCAL_STEPS, int)
+    size = config_number(config, keys.BATCH_SIZE, int)
+    workers = cohort_workers(client, messages, contexts, steps=steps, batch_size=size)
+    controls = [_client_control(client, contexts[index], point) for index, _ in workers]
+    corrected = [
+        replace(work, offset={name: server_control[name] - control[name] for name in point})
+        for (_, work), control in zip(workers, controls, strict=True)
+    ]
+    results = train_stacked(
+        model_for(client, point), corrected, loss_fn=client.task.loss_fn, sgd=SGD(lr), start=point
+    )
+    replies: list[Message | None] = [None] * len(messages)
+    for (index, work), control, result in zip(workers, controls, results, strict=True):
+        end = {name: result.state[name] for name in point}
+        delta, control_delta, new_control = _changes(
+            point, end, server_control, control, lr * steps
+        )
+        contexts[index].state[keys.CLIENT_CONTROL] = to_record(new_control)
+        vectors = {keys.ARRAYS: delta, keys.CONTROL: control_delta}
+        replies[index] = reply_with(messages[index], vectors, result.loss, len(work.targets))
+    return replies
+
+
+def _client_control(client: TorchClient, context: Context, point: Point) -> Point:
+    """Return the node's c_p from ``Context.state``; zero on first contact."""
+    stored = records_of(context.state, ArrayRecord).get(keys.CLIENT_CONTROL)
+    if stored is not None:
+        return tensors(client, stored)
+    return {name: torch.zeros_like(value) for name, value in point.items()}
+
+
 @dataclass(kw_only=True, eq=False)
 class SCAFFOLD(GradientStrategy):
     """SCAFFOLD; ``lr`` is the local η_l, ``server_lr`` the global η_g (1 in the paper's runs)."""
 
     server_lr: float = 1.0
 
-    client_actions = (ClientAction(keys.TRAIN_SCAFFOLD, scaffold),)
+    client_actions = (ClientAction(keys.TRAIN_SCAFFOLD, scaffold, cohort=scaffold_cohort),)
     privacy_refusals = refusals("SCAFFOLD", "train.scaffold")
 
     def __post_init__(self) -> None:

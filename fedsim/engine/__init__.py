@@ -17,12 +17,14 @@ if TYPE_CHECKING:
     from fedsim.engine.heterogeneity import HeterogeneousGrid
     from fedsim.engine.ray_grid import RayGrid, RayResources
     from fedsim.engine.threaded import ThreadedGrid
+    from fedsim.engine.vmap import VmapGrid
 
 _LAZY = {
     "HeterogeneousGrid": "heterogeneity",
     "RayGrid": "ray_grid",
     "RayResources": "ray_grid",
     "ThreadedGrid": "threaded",
+    "VmapGrid": "vmap",
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "StreamingGrid",
     "StreamingStrategy",
     "ThreadedGrid",
+    "VmapGrid",
     "in_node_order",
 ]
 

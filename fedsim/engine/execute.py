@@ -59,7 +59,12 @@ def run_client_app(
     try:
         reply = client_app(request, context)
     except Exception as exc:  # noqa: BLE001 - any client failure becomes a reply
-        return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, _describe(exc))
+        return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, describe(exc))
+    return checked_reply(message, reply, check_finite_arrays=check_finite_arrays)
+
+
+def checked_reply(message: Message, reply: object, *, check_finite_arrays: bool = True) -> Message:
+    """Return ``reply`` to ``message``, or the error reply that replaces it (see above)."""
     if not isinstance(reply, Message):
         reason = f"ClientApp returned {type(reply).__name__}, expected a Message"
         return error_reply(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason)
@@ -92,7 +97,7 @@ def error_reply(message: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=message)
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
     """One line naming the exception and where in the client it was raised."""
     frame = traceback.extract_tb(exc.__traceback__)[-1]
     return f"{type(exc).__name__}: {exc} (at {frame.filename}:{frame.lineno})"
