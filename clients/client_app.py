@@ -111,12 +111,13 @@ class CohortApp:
     def __init__(self, resolve: ClientResolver, algorithms: Iterable[type] = ()) -> None:
         self.resolve = resolve
         self.handlers: dict[str, CohortHandler] = {MessageType.TRAIN: TorchClient.train_cohort}
-        for algorithm in algorithms:
-            for action in client_actions(algorithm):
-                if action.cohort is None:
-                    self.handlers.pop(action.message_type, None)
-                else:
-                    self.handlers[action.message_type] = action.cohort
+        actions = [action for algorithm in algorithms for action in client_actions(algorithm)]
+        for action in actions:  # a type one algorithm answers without a cohort form has none
+            if action.cohort is not None:
+                self.handlers[action.message_type] = action.cohort
+        for action in actions:
+            if action.cohort is None:
+                self.handlers.pop(action.message_type, None)
 
     def __call__(
         self, messages: Sequence[Message], contexts: Sequence[Context]
@@ -128,6 +129,11 @@ class CohortApp:
     def refusal(self, context: Context) -> str | None:
         """Say in one line why the task cannot train batched (probed on ``context``), or None."""
         return self.resolve(context).cohort_refusal(context)
+
+    def num_samples(self, context: Context) -> int:
+        """Return how many samples the node of ``context`` holds."""
+        client = self.resolve(context)
+        return len(client_tensors(client.partition(context), client.device)[1])
 
     def client_bytes(self, context: Context) -> int:
         """Estimate the memory one client of a cohort takes (probed on ``context``'s data)."""

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from fedsim.clients.training import LossFn
+from fedsim.clients.training import LossFn, Penalty
 
 Params = dict[str, Tensor]
 
@@ -62,10 +62,6 @@ class ClientWork:
     targets: Tensor
     schedule: Tensor
     offset: Params | None = None
-
-
-#: ``(params, start) -> penalty`` added to every batch loss: FedProx's (μ/2)‖w - w_0‖².
-Penalty = Callable[[Params, Params], Tensor]
 
 
 def train_cohort(

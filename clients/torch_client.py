@@ -30,7 +30,7 @@ from fedsim.clients.cohort import (
 )
 from fedsim.clients.dp_sgd import DPSGD
 from fedsim.clients.trainer import trainer_for
-from fedsim.clients.training import TASK_METRICS, LossFn, evaluate
+from fedsim.clients.training import TASK_METRICS, LossFn, Penalty, evaluate, penalized
 from fedsim.data.datasets import Task
 from fedsim.engine.threaded import on_worker_thread
 from fedsim.records import config_number, get_record, records_of
@@ -170,10 +170,22 @@ class TorchClient:
                 _warn_if_drawing_global_rng(self._model)
         return self._model
 
-    def train(self, message: Message, context: Context) -> Message:
-        """Train the received model on this node's partition."""
+    def train(
+        self, message: Message, context: Context, *, penalty: Penalty | None = None
+    ) -> Message:
+        """Train the received model on this node's partition, ``penalty`` added to the loss.
+
+        A penalty (FedProx's proximal term) is refused under DP-SGD: Opacus clips
+        the loss's per-sample gradients, and the penalty's would go unclipped.
+        """
+        if penalty is not None and self.task.dp_sgd is not None:
+            raise ValueError("a loss penalty cannot train under client.dp_sgd (it is not "
+                             "clipped per sample)")  # fmt: skip
         config = get_record(message.content, keys.CONFIG, ConfigRecord)
         model = self.model(get_record(message.content, keys.ARRAYS, ArrayRecord))
+        loss_fn = (
+            self.task.loss_fn if penalty is None else penalized(self.task.loss_fn, model, penalty)
+        )
         dataset = self.partition(context)
         partition_id = int(context.node_config[keys.PARTITION_ID])
         seed = config_number(config, keys.SEED, int, 0)
@@ -188,6 +200,7 @@ class TorchClient:
             train_loss = trainer.train_epochs(
                 self,
                 dataset,
+                loss_fn=loss_fn,
                 optimizer=optimizer,
                 epochs=config_number(config, keys.LOCAL_EPOCHS, int, self.task.local_epochs),
                 batch_size=config_number(config, keys.BATCH_SIZE, int, self.task.batch_size),
@@ -198,12 +211,16 @@ class TorchClient:
         )  # fmt: skip
 
     def train_cohort(
-        self, messages: Sequence[Message], contexts: Sequence[Context]
+        self,
+        messages: Sequence[Message],
+        contexts: Sequence[Context],
+        *,
+        penalty: Penalty | None = None,
     ) -> list[Message | None]:
         """Answer a cohort's ``train`` messages (one global model, one config) at once.
 
-        Each client's reply is what :meth:`train` replies to within float rounding:
-        the same seeded batch order, the same SGD arithmetic, its own number of
+        Each client's reply is what :meth:`train` (with ``penalty``) replies within
+        float rounding: the same seeded batch order, the same SGD arithmetic, its own number of
         steps (see :mod:`fedsim.clients.cohort`). The vmap engine calls this only
         where :meth:`cohort_refusal` found nothing to refuse.
         """
@@ -222,7 +239,7 @@ class TorchClient:
             shuffle = torch_generator(seed, round_, partition, "shuffle")
             schedule = epoch_schedule(len(targets), epochs, batch_size, shuffle)
             work.append(ClientWork(inputs, targets, schedule))
-        results = train_stacked(model, work, loss_fn=self.task.loss_fn, sgd=sgd)
+        results = train_stacked(model, work, loss_fn=self.task.loss_fn, sgd=sgd, penalty=penalty)
         return [
             self._trained_reply(
                 message, {name: result.state[name] for name in arrays}, len(w.targets), result.loss

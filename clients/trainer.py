@@ -52,11 +52,12 @@ class Trainer(Protocol):
         client: "TorchClient",
         dataset: Dataset,
         *,
+        loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
         epochs: int,
         batch_size: int,
     ) -> float:
-        """Train the client's loaded model in place; return the mean minibatch loss."""
+        """Train the client's loaded model in place on ``loss_fn``; return its mean over batches."""
 
     def batch(self, data: LocalData, size: int, generator: torch.Generator) -> Batch:
         """Draw a minibatch of about ``size`` samples (0: all of them)."""
@@ -94,6 +95,7 @@ class PlainTrainer:
         client: "TorchClient",
         dataset: Dataset,
         *,
+        loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
         epochs: int,
         batch_size: int,
@@ -102,7 +104,7 @@ class PlainTrainer:
         return train_epochs(
             client.process_model(),
             dataset,
-            loss_fn=client.task.loss_fn,
+            loss_fn=loss_fn,
             optimizer=optimizer,
             epochs=epochs,
             batch_size=batch_size,
@@ -161,6 +163,7 @@ class DPTrainer:
         client: "TorchClient",
         dataset: Dataset,
         *,
+        loss_fn: LossFn,
         optimizer: torch.optim.Optimizer,
         epochs: int,
         batch_size: int,
@@ -173,7 +176,7 @@ class DPTrainer:
         loss, rate, steps = train_dp_sgd(
             client.private_model(),
             dataset,
-            loss_fn=client.task.loss_fn,
+            loss_fn=loss_fn,
             optimizer=optimizer,
             epochs=epochs,
             batch_size=batch_size,

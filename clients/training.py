@@ -12,6 +12,17 @@ from fedsim import keys
 from fedsim.data.datasets import Task
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: ``(parameters, start) -> Tensor`` added to every batch loss, of the trainable
+#: parameters by name and their values when training began: FedProx's
+#: (μ/2)‖w - w_0‖² is ``mu / 2 * sum(((params[k] - start[k]) ** 2).sum() for k in start)``.
+Penalty = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], Tensor]
+
+
+def penalized(loss_fn: LossFn, model: nn.Module, penalty: Penalty) -> LossFn:
+    """Return ``loss_fn`` plus ``penalty`` of ``model``'s trainable parameters and their start."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    start = {name: p.detach().clone() for name, p in params.items()}
+    return lambda outputs, targets: loss_fn(outputs, targets) + penalty(params, start)
 
 
 def shuffled_batches(
@@ -27,7 +38,7 @@ def shuffled_batches(
     order = torch.randperm(len(dataset), generator=generator)  # type: ignore[arg-type]
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         inputs, targets = dataset.tensors
-        for index in order.split(batch_size):
+        for index in order.split(batch_size) if len(order) else ():  # no samples: no batch
             yield inputs[index], targets[index]
     else:
         yield from DataLoader(dataset, batch_size=batch_size, sampler=order.tolist())

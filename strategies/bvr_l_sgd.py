@@ -32,10 +32,11 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from fedsim import keys
+from fedsim.algorithm import ClientAction
 from fedsim.arrays import to_array_record
 from fedsim.loop import TrainRound
 from fedsim.strategies.aggregation import dtypes_of, shapes_of
-from fedsim.strategies.local_sgd import LocalSGD
+from fedsim.strategies.local_sgd import local
 from fedsim.strategies.multi_exchange import GradientStrategy, Vector, refusals
 from fedsim.strategies.sarah import SARAH, SarahEstimate
 
@@ -58,9 +59,10 @@ class BVRLSGD(GradientStrategy):
     stage_rounds: int
     reference_batch_size: int = 0
 
-    # SARAH's anchor and estimate exchanges, and the LocalRoutine: Local SGD's action,
-    # which runs the SARAH-corrected steps when the message carries an estimate.
-    client_actions = SARAH.client_actions + LocalSGD.client_actions
+    # SARAH's anchor and estimate exchanges, and the LocalRoutine: Local SGD's handler,
+    # which runs the SARAH-corrected steps when the message carries an estimate. Those
+    # steps take gradients at two points per step: no cohort form batches them.
+    client_actions = (*SARAH.client_actions, ClientAction(keys.TRAIN_LOCAL, local))
     privacy_refusals = refusals("BVR-L-SGD", "train.anchor, train.estimate, train.local")
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from flwr.app import ArrayRecord, Message, RecordDict, UserConfig
+from flwr.app import ArrayRecord, Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -82,17 +82,25 @@ class VmapGrid(InlineGrid):
             torch_threads=torch_threads,
             check_finite_arrays=check_finite_arrays,
         )
-        probe = self.nodes.context(self.nodes.node_ids[0])
         if refusal is None and cohort_app is None:
             raise ValueError("VmapGrid needs a cohort_app or the refusal that replaces it")
-        refusal = refusal or cohort_app.refusal(probe)  # type: ignore[union-attr]
+        probe = self._probe_node(cohort_app) if refusal is None else None
+        refusal = refusal or cohort_app.refusal(probe)  # type: ignore[union-attr, arg-type]
         self._cohort_app = None if refusal else cohort_app
         if refusal or cohort_app is None:
             logger.warning("engine vmap: %s; clients train one at a time", refusal)
-        elif chunk_size == 0:
+        elif chunk_size == 0 and probe is not None:
             free = _free_memory(cohort_app.resolve(probe).device)
             chunk_size = max(1, free // 4 // max(cohort_app.client_bytes(probe), 1))
         self.chunk_size = chunk_size
+
+    def _probe_node(self, cohort_app: CohortApp) -> Context:
+        """Return the context of the first of the first 16 nodes with samples (or the first).
+
+        The model is probed on its data for what would break a batched replay.
+        """
+        contexts = [self.nodes.context(node) for node in self.nodes.node_ids[:16]]
+        return next((c for c in contexts if cohort_app.num_samples(c)), contexts[0])
 
     @property
     def batching(self) -> bool:
