@@ -153,12 +153,12 @@ def train_stacked(
         start = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not any(len(work.targets) for work in clients):
         params = {name: value.expand(len(clients), *value.shape) for name, value in start.items()}
-        return [_result(model, params, k, 0.0) for k in range(len(clients))]
+        return _results(model, params, [0.0] * len(clients))
     params, totals = _train_chunk(model, loss_fn, clients, sgd, penalty, start)
     steps = [int((work.schedule >= 0).any(dim=1).sum()) for work in clients]
-    return [
-        _result(model, params, k, totals[k].item() / max(count, 1)) for k, count in enumerate(steps)
-    ]
+    # As train_epochs: the running total as a Python float over the number of steps.
+    means = [total / max(count, 1) for total, count in zip(totals.tolist(), steps, strict=True)]
+    return _results(model, params, means)
 
 
 @dataclass(frozen=True)
@@ -376,14 +376,21 @@ def _padded(parts: Sequence[Tensor], like: Tensor, rows: int) -> Tensor:
     return out
 
 
-def _result(model: nn.Module, params: Params, k: int, loss: float) -> TrainedClient:
-    """Return client ``k``'s state: its trained parameters, the model's other entries."""
+def _results(model: nn.Module, params: Params, losses: Sequence[float]) -> list[TrainedClient]:
+    """Return each client's state: its trained parameters (views), the model's other entries.
+
+    The other entries (buffers, frozen parameters) are copied once and shared.
+    """
     trained = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
-    state = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        source = params[trained[id(value)]][k] if id(value) in trained else value
-        state[key] = source.detach().clone()
-    return TrainedClient(state, loss)
+    entries = model.state_dict(keep_vars=True)
+    fixed = {k: v.detach().clone() for k, v in entries.items() if id(v) not in trained}
+    names = {k: trained[id(v)] for k, v in entries.items() if id(v) in trained}
+    return [
+        TrainedClient(
+            {k: params[names[k]][index] if k in names else fixed[k] for k in entries}, loss
+        )
+        for index, loss in enumerate(losses)
+    ]
 
 
 def _changed(before: Sequence[Tensor], after: Sequence[Tensor]) -> bool:

@@ -6,8 +6,11 @@
     python experiments/bench/engines.py --json bench.json    # also write the table as JSON
     python experiments/bench/engines.py --systems floor,inline --workloads W1a --rounds 2
     python experiments/bench/engines.py --scale              # only the scale section
+    python experiments/bench/engines.py --systems floor,inline,vmap --workloads W1a,W1b,D1b \
+        --no-scale                                           # the vmap engine's rows
 
-Systems, all running workload W1 (``workload.py``):
+Systems, all running workload W1, and D1b (W1b with an MLP 11x smaller, on digits), from
+``workload.py``:
 
 ============  ==============================================================================
 floor         W1 as the plainest FedAvg loop in PyTorch, one process, no Flower
@@ -15,14 +18,18 @@ floor-malloc  the floor with glibc's default (adaptive) malloc thresholds; every
               runs with them pinned (see PINNED_MALLOC), as ``fedsim run`` pins its own
 inline        fedsim's ``InlineGrid`` and seeded streaming ``FedAvg``, driven by ``run_rounds``
 threads       fedsim's ``ThreadedGrid``: 2 worker threads of 1 torch thread each, one process
+vmap          fedsim's ``VmapGrid``: each round's cohort as one batched ``torch.func`` computation
 ray           fedsim's ``RayGrid``: 2 actors of 1 CPU each
 flower        Flower's ``run_simulation`` (Ray backend, 1 CPU per client: 2 actors)
 pfl           Apple's pfl 0.6 (``SimulatedBackend``, in process); the ``bench`` extra
 ============  ==============================================================================
 
-floor, inline, threads, ray and pfl train the same cohorts on the same batches (fedsim's
-seeding), so they must end on the same weights: the "max |w - floor|" column checks it on
-every run. Flower's FedAvg samples its own cohorts.
+floor, inline, threads, vmap, ray and pfl train the same cohorts on the same batches
+(fedsim's seeding), so they must end on the same weights: the "max |w - floor|" column
+checks it on every run (vmap within float rounding: its batched kernels add in another
+order). Flower's FedAvg samples its own cohorts. ``--device cuda`` trains the clients of
+floor, inline, threads and vmap on the GPU and gives each Ray actor a quarter of it
+(``gpu_check.sh`` runs that check).
 
 Every run is its own interpreter (this file re-invoked with ``--run``), so imports, Ray and
 torch threads never leak between systems; the parent samples the resident memory of the
@@ -106,21 +113,23 @@ from experiments.bench.systems import (  # noqa: E402
     run_ray,
     run_scale_case,
     run_threads,
+    run_vmap,
     torch,
 )
 from experiments.bench.systems_pfl import run_pfl  # noqa: E402
 from experiments.bench.workload import ROUNDS, SCALE_CASES, SEED, WORKLOADS  # noqa: E402
 from fedsim.allocator import TUNABLES  # noqa: E402
 
-SYSTEMS = ("floor", "floor-malloc", "inline", "threads", "ray", "flower", "pfl")  # table order
+SYSTEMS = ("floor", "floor-malloc", "inline", "threads", "vmap", "ray", "flower", "pfl")
 # The in-process systems first, right beside the floor.
-RUN_ORDER = ("floor", "inline", "threads", "pfl", "floor-malloc", "ray", "flower")
+RUN_ORDER = ("floor", "inline", "vmap", "threads", "pfl", "floor-malloc", "ray", "flower")
 RAY_SYSTEMS = ("ray", "flower")  # they start Ray: 5-20 s a run; --repeat-ray times
 LABELS = {
     "floor": "floor (PyTorch loop)",
     "floor-malloc": "floor, glibc's default malloc",
     "inline": "fedsim inline",
     "threads": "fedsim threads (2 workers)",
+    "vmap": "fedsim vmap (batched cohort)",
     "ray": "fedsim ray (2 actors)",
     "flower": "flower run_simulation",
     "pfl": "pfl 0.6",
@@ -130,6 +139,7 @@ RUNNERS: dict[str, Callable[..., Timing]] = {
     "floor-malloc": run_floor,
     "inline": run_inline,
     "threads": run_threads,
+    "vmap": run_vmap,
     "ray": run_ray,
     "flower": run_flower,
     "pfl": run_pfl,
@@ -161,7 +171,8 @@ def child_main(args: argparse.Namespace) -> int:
             timing = run_scale_case(SCALE_CASES[args.case], seed=args.seed)
         else:
             runner = RUNNERS[args.run]
-            timing = runner(WORKLOADS[args.workload], rounds=args.rounds, seed=args.seed)
+            workload = WORKLOADS[args.workload]
+            timing = runner(workload, rounds=args.rounds, seed=args.seed, device=args.device)
     except SystemUnavailable as exc:
         print(SKIPPED + str(exc), flush=True)
         return 0
@@ -180,6 +191,7 @@ def run_systems(
     repeat: int,
     repeat_ray: int,
     env: dict[str, str],
+    device: str = "cpu",
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Run each system ``repeat`` times per workload, interleaved; return rows and notes.
 
@@ -203,8 +215,9 @@ def run_systems(
                         continue
                     state = Path(states) / f"{system}-{attempt}.pt"
                     result = _run_once(
-                        system, name, attempt, state, rounds=rounds, seed=seed, env=env
-                    )
+                        system, name, attempt, state, rounds=rounds, seed=seed, env=env,
+                        device=device,
+                    )  # fmt: skip
                     if isinstance(result, str):
                         skipped.add(system)
                         notes.append(f"{system} on {name}: {result}")
@@ -229,12 +242,13 @@ def _run_once(
     rounds: int,
     seed: int,
     env: dict[str, str],
+    device: str = "cpu",
 ) -> dict[str, Any] | str:
     """Run one system once in a child; return its result, or why there is none."""
     print(f"[bench] {name} run {attempt + 1}: {LABELS[system]} ...", end="", flush=True)
     run = spawn(
         ["--run", system, "--workload", name, "--rounds", str(rounds), "--seed", str(seed)]
-        + ["--save-state", str(state)],
+        + ["--save-state", str(state), "--device", device],
         env_extra={**env, **SYSTEM_ENV.get(system, {})},
     )
     if run.result is None:
@@ -323,6 +337,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="runs of the systems that start Ray (ray, flower); default min(5, --repeat)",
     )
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--device", default="cpu", help="where clients train: cpu or cuda (flower, pfl: cpu only)"
+    )
     parser.add_argument("--json", type=Path, help="also write the table's rows here")
     parser.add_argument(
         "--system-malloc", action="store_true", help="leave glibc's malloc tuning to the system"
@@ -355,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {} if args.system_malloc else PINNED_MALLOC
     malloc = "system default" if args.system_malloc else PINNED_MALLOC["GLIBC_TUNABLES"]
     print(
-        f"[bench] {os.cpu_count()} CPUs, torch {torch.__version__}; {args.rounds} rounds, "
+        f"[bench] {os.cpu_count()} CPUs, torch {torch.__version__}, clients on {args.device}; "
+        f"{args.rounds} rounds, "
         f"seed {args.seed}, {args.repeat} run(s) per system ({args.repeat_ray} of ray and "
         f"flower); malloc: {malloc}",
         flush=True,
@@ -371,10 +389,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat=args.repeat,
             repeat_ray=args.repeat_ray,
             env=env,
+            device=args.device,
         )
     scale = {} if args.no_scale else run_scale(seed=args.seed, env=env)
     for row in [*rows, *scale.values()]:
-        row["malloc"] = malloc
+        row["malloc"], row["device"] = malloc, args.device
     if rows:
         print("\n" + format_table(rows))
     for row in rows:

@@ -17,6 +17,9 @@ from typing import Any
 
 OWN_SAMPLING = {"flower"}  # systems whose cohorts differ from fedsim's, so weights do too
 TARGET_WORKLOADS = ("W1a", "W1b")  # the targets are stated for W1 (W1b-0 only explains them)
+# The vmap engine's targets, steady round / floor's by workload: on CPU, and on one GPU
+# (at least 5x the floor's throughput there).
+VMAP_TARGETS = {"cpu": {"W1b": 0.6, "D1b": 0.3}, "cuda": {"W1b": 0.2}}
 CONFIDENCE = 0.95  # wanted coverage of the intervals around median ratios
 
 
@@ -135,6 +138,13 @@ def targets(rows: Sequence[dict[str, Any]], scale: dict[str, dict[str, Any]]) ->
             what = f"{name}  fedsim {mine} steady round faster than {theirs} ({theirs} / fedsim)"
             ratios = paired_ratios(b["runs"], a["runs"], "steady_round_s") if a and b else []
             lines.append(_ratio_check(what, ratios, 1.0, below=False))
+    device = next((r.get("device", "cpu") for r in rows), "cpu")
+    for name, limit in VMAP_TARGETS.get(device.split(":")[0], {}).items():
+        floor, vmap = by.get(("floor", name)), by.get(("vmap", name))
+        if floor and vmap:
+            what = f"{name}  fedsim vmap steady round <= {limit:.2f}x floor ({device})"
+            ratios = paired_ratios(vmap["runs"], floor["runs"], "steady_round_s")
+            lines.append(_ratio_check(what, ratios, limit, below=True))
     small, large = scale.get("population-1e3"), scale.get("population-1e6")
     for case in (small, large):
         if case:

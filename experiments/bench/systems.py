@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 # A child's "import s" counts from here: torch and the system's framework come below.
@@ -27,9 +28,9 @@ from experiments.bench.workload import (  # noqa: E402
     BATCH_SIZE,
     LOCAL_EPOCHS,
     LR,
+    ClientData,
     ScaleCase,
     Workload,
-    client_dataset,
     initial_state,
     make_model,
     reference_fedavg,
@@ -67,7 +68,9 @@ class Timing:
     ray_startup_s: float | None = None  # fedsim ray: actor pool ready, after ray.init
 
     def mark(self) -> None:
-        """Record a round boundary."""
+        """Record a round boundary (after the GPU's queued work, where there is a GPU)."""
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         self.boundaries.append(time.perf_counter())
 
     def finish(self) -> Timing:
@@ -94,14 +97,15 @@ class Timing:
 # --------------------------------------------------------------------------- fedsim pieces
 
 
-def w1_task() -> TorchTask:
-    """Return fedsim's client task for W1: the CNN, cross-entropy, on-demand data."""
+def w1_task(model: str = "cnn", device: str = "cpu") -> TorchTask:
+    """Return fedsim's client task for W1 (or D1b's ``model``): cross-entropy, on-demand data."""
     from fedsim.clients import TorchTask
 
     return TorchTask(
-        model_fn=make_model,
+        device=device,
+        model_fn=partial(make_model, model),
         loss_fn=nn.CrossEntropyLoss(),
-        load_partition=client_dataset,
+        load_partition=ClientData(model),
         lr=LR,
         local_epochs=LOCAL_EPOCHS,
         batch_size=BATCH_SIZE,
@@ -204,44 +208,78 @@ def _worker_threads(values: set[float], workers: str) -> str:
 # --------------------------------------------------------------------------- systems
 
 
-def run_floor(workload: Workload, *, rounds: int, seed: int) -> Timing:
+def run_floor(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
     """Run the plain PyTorch loop: the least any engine can do for W1."""
     timing = Timing(time.perf_counter(), threads=_default_threads())
-    timing.final_state = reference_fedavg(workload, rounds=rounds, seed=seed, on_round=timing.mark)
+    timing.final_state = reference_fedavg(
+        workload, rounds=rounds, seed=seed, on_round=timing.mark, device=device
+    )
     return timing.finish()
 
 
-def run_inline(workload: Workload, *, rounds: int, seed: int) -> Timing:
+def run_inline(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
     """Run fedsim's InlineGrid: every client in this process, one after the other."""
     from fedsim.clients import make_client_app
     from fedsim.engine import InlineGrid
 
     timing = Timing(time.perf_counter(), threads=_default_threads())
-    grid = InlineGrid(make_client_app(w1_task()), num_nodes=workload.num_clients)
+    grid = InlineGrid(
+        make_client_app(w1_task(workload.model, device)), num_nodes=workload.num_clients
+    )
     fedsim_rounds(
-        grid, workload, initial=initial_state(seed), rounds=rounds, seed=seed, timing=timing
+        grid,
+        workload,
+        initial=initial_state(seed, workload.model),
+        rounds=rounds,
+        seed=seed,
+        timing=timing,
     )
     return timing.finish()
 
 
-def run_threads(workload: Workload, *, rounds: int, seed: int) -> Timing:
+def run_vmap(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
+    """Run fedsim's VmapGrid: each round's cohort trained as one batched computation."""
+    from fedsim.clients.client_app import make_apps
+    from fedsim.engine.vmap import VmapGrid
+
+    timing = Timing(time.perf_counter(), threads=_default_threads())
+    grid = VmapGrid(*make_apps(w1_task(workload.model, device)), num_nodes=workload.num_clients)
+    if not grid.batching:
+        raise RuntimeError("the vmap engine refused W1's task (see the log line above)")
+    fedsim_rounds(
+        grid, workload, initial=initial_state(seed, workload.model), rounds=rounds, seed=seed,
+        timing=timing,
+    )  # fmt: skip
+    timing.threads += f", chunks of {grid.chunk_size}"
+    return timing.finish()
+
+
+def run_threads(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
     """Run fedsim's ThreadedGrid: 2 worker threads of 1 torch thread each, in this process."""
     from fedsim.engine.threaded import ThreadedGrid
 
     timing = Timing(time.perf_counter())
     with ThreadedGrid(
-        threads_reporting_app(w1_task()), num_nodes=workload.num_clients, num_workers=2
+        threads_reporting_app(w1_task(workload.model, device)),
+        num_nodes=workload.num_clients,
+        num_workers=2,
     ) as grid:
         threads = fedsim_rounds(
-            grid, workload, initial=initial_state(seed), rounds=rounds, seed=seed, timing=timing
+            grid,
+            workload,
+            initial=initial_state(seed, workload.model),
+            rounds=rounds,
+            seed=seed,
+            timing=timing,
         )
     timing.threads = _worker_threads(threads, f"{grid.num_workers} threads")
     return timing.finish()
 
 
-def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
-    """Run fedsim's RayGrid, 2 actors of 1 CPU; Ray start-up and shut-down included.
+def run_ray(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
+    """Run fedsim's RayGrid, 2 actors of 1 CPU (on a GPU: 0.25 GPU and 1 CPU each, 4 a GPU).
 
+    Ray start-up and shut-down are included.
     The grid starts Ray itself, as ``fedsim run`` does; its start-up splits into
     ``ray.init`` and the actor pool (``ray_init_s``, ``ray_startup_s``).
     """
@@ -251,16 +289,25 @@ def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
         raise SystemUnavailable("fedsim.engine.ray_grid not available") from exc
 
     timing = Timing(time.perf_counter())
+    # On a GPU: 4 clients share it (0.25 each), as many actors as that and the CPUs fit.
+    gpu = device != "cpu"
     grid = RayGrid(
-        threads_reporting_app(w1_task()),
+        threads_reporting_app(w1_task(workload.model, "cuda" if gpu else device)),
         num_nodes=workload.num_clients,
-        resources=RayResources(num_cpus=1.0, num_gpus=0.0, num_actors=2),
+        resources=RayResources(
+            num_cpus=1.0, num_gpus=0.25 if gpu else 0.0, num_actors=None if gpu else 2
+        ),
     )
     actors = f"{grid.num_actors} actors"
     timing.ray_init_s, timing.ray_startup_s = grid.ray_init_s, grid.pool_startup_s
     try:
         threads = fedsim_rounds(
-            grid, workload, initial=initial_state(seed), rounds=rounds, seed=seed, timing=timing
+            grid,
+            workload,
+            initial=initial_state(seed, workload.model),
+            rounds=rounds,
+            seed=seed,
+            timing=timing,
         )
     finally:
         grid.shutdown()
@@ -268,12 +315,15 @@ def run_ray(workload: Workload, *, rounds: int, seed: int) -> Timing:
     return timing.finish()
 
 
-def run_flower(workload: Workload, *, rounds: int, seed: int) -> Timing:
+def run_flower(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
     """Run Flower's own FedAvg in a ServerApp under ``run_simulation`` (Ray backend).
 
     ``Strategy.start`` calls ``evaluate_fn`` before round 1 and after every round,
     which times the rounds. The ClientApp is fedsim's, a plain Flower ClientApp.
+    CPU only: the benchmark does not size Flower's client resources for a GPU.
     """
+    if device != "cpu":
+        raise SystemUnavailable("the flower row runs on CPU only")
     from flwr.app import ArrayRecord
     from flwr.serverapp import ServerApp
     from flwr.serverapp.strategy import FedAvg
@@ -295,7 +345,7 @@ def run_flower(workload: Workload, *, rounds: int, seed: int) -> Timing:
         )
         result = strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(initial_state(seed)),
+            initial_arrays=ArrayRecord(initial_state(seed, workload.model)),
             num_rounds=rounds,
             train_config=train_config(seed, workload),
             evaluate_fn=lambda _round, _arrays: timing.mark(),
@@ -306,7 +356,7 @@ def run_flower(workload: Workload, *, rounds: int, seed: int) -> Timing:
 
     run_simulation(
         server_app=server_app,
-        client_app=threads_reporting_app(w1_task()),
+        client_app=threads_reporting_app(w1_task(workload.model, device)),
         num_supernodes=n,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
     )

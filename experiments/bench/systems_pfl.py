@@ -30,11 +30,11 @@ from experiments.bench.workload import (
 
 
 class PflCnn(nn.Module):
-    """The W1 model with the ``loss`` and ``metrics`` methods pfl's ``PyTorchModel`` calls."""
+    """The workload's model with the ``loss`` and ``metrics`` that pfl's ``PyTorchModel`` calls."""
 
-    def __init__(self, state: dict[str, Tensor]) -> None:
+    def __init__(self, state: dict[str, Tensor], model: str) -> None:
         super().__init__()
-        self.net = make_model()
+        self.net = make_model(model)
         self.net.load_state_dict(state)
         self.loss_fn = nn.CrossEntropyLoss()
 
@@ -54,7 +54,7 @@ class PflCnn(nn.Module):
         return {"loss": Weighted(self.loss_fn(self(inputs), labels).item() * len(labels), 1)}
 
 
-def run_pfl(workload: Workload, *, rounds: int, seed: int) -> Timing:
+def run_pfl(workload: Workload, *, rounds: int, seed: int, device: str = "cpu") -> Timing:
     """Run pfl's FederatedAveraging on its in-process SimulatedBackend.
 
     Local SGD (lr 0.05, batch 32, 1 epoch), updates weighted by examples, and a
@@ -63,6 +63,8 @@ def run_pfl(workload: Workload, *, rounds: int, seed: int) -> Timing:
     fedsim's cohorts and each user's data comes pre-shuffled in fedsim's batch
     order (pfl batches a user's data in order), so pfl trains what fedsim does.
     """
+    if device != "cpu":
+        raise SystemUnavailable("the pfl row runs on CPU only")
     try:
         import pfl  # noqa: F401
     except ImportError as exc:
@@ -75,14 +77,14 @@ def run_pfl(workload: Workload, *, rounds: int, seed: int) -> Timing:
     from pfl.model.pytorch import PyTorchModel
 
     timing = Timing(time.perf_counter(), threads=_default_threads())
-    net = PflCnn(initial_state(seed))
+    net = PflCnn(initial_state(seed, workload.model), workload.model)
     model = PyTorchModel(
         model=net,
         local_optimizer_create=torch.optim.SGD,
         central_optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
     )
     sampled = ((r, c) for r in range(1, rounds + 1) for c in cohort(workload, seed=seed, round_=r))
-    users = FederatedDataset(_pfl_user_dataset_fn(seed), lambda: next(sampled))
+    users = FederatedDataset(_pfl_user_dataset_fn(seed, workload.model), lambda: next(sampled))
     algorithm, marker = _pfl_classes(timing)
     algorithm.run(
         algorithm_params=NNAlgorithmParams(
@@ -104,13 +106,13 @@ def run_pfl(workload: Workload, *, rounds: int, seed: int) -> Timing:
     return timing.finish()
 
 
-def _pfl_user_dataset_fn(seed: int) -> Callable[[tuple[int, int]], Any]:
-    """Return pfl's ``make_dataset_fn``: a ``(round, client)`` user's shuffled W1 data."""
+def _pfl_user_dataset_fn(seed: int, model: str) -> Callable[[tuple[int, int]], Any]:
+    """Return pfl's ``make_dataset_fn``: a ``(round, client)`` user's shuffled data."""
     from pfl.data.dataset import Dataset
 
     def make(user: tuple[int, int]) -> Any:
         round_, client = user
-        inputs, labels = client_tensors(client)
+        inputs, labels = client_tensors(client, model)
         shuffle = shuffle_generator(seed=seed, round_=round_, client=client)
         order = torch.randperm(len(labels), generator=shuffle)
         return Dataset(raw_data=(inputs[order], labels[order]), user_id=str(client))

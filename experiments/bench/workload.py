@@ -4,7 +4,9 @@ W1 is FedAvg on a 105,866-parameter CNN (``fedsim.models.cnn``: two conv and two
 linear layers) over synthetic 1x28x28 inputs with 10 classes; each client holds
 64 samples and trains 1 local epoch of SGD (batch 32, lr 0.05) per round, for 5
 rounds, without evaluation. W1a samples 20 of 100 clients per round, W1b 100 of
-1000.
+1000. D1b is W1b with a model 10x smaller: an MLP (64-128-10, 9,610 parameters: 11x fewer)
+on scikit-learn's embedded 8x8 digits, each client 64 digits drawn from the
+1,797 by its id.
 
 Client data is generated on demand from the client's id (nothing is generated up
 front), so every system pays the same data cost. Cohorts, batch order and the
@@ -18,6 +20,7 @@ and 10^6 clients, and a 1M-parameter model at cohorts of 10 and 500.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -27,7 +30,7 @@ from torch.utils.data import TensorDataset
 
 from fedsim import keys
 from fedsim.data.datasets import CentralDataset
-from fedsim.models import cnn
+from fedsim.models import cnn, mlp
 from fedsim.seeding import SERVER_NODE, derive_seed, numpy_rng, torch_generator
 
 SEED = 0
@@ -42,12 +45,13 @@ ROUNDS = 5
 
 @dataclass(frozen=True)
 class Workload:
-    """A population and the cohort sampled from it each round."""
+    """A population, the cohort sampled from it each round, and the model it trains."""
 
     name: str
     num_clients: int
     clients_per_round: int
     local_epochs: int = LOCAL_EPOCHS
+    model: str = "cnn"  # "cnn" (W1's) or "digits-mlp"
 
     def __post_init__(self) -> None:
         if not 1 <= self.clients_per_round <= self.num_clients:
@@ -62,26 +66,53 @@ WORKLOADS = {
     # W1b with no local training: clients load data and the model and reply; what is
     # left of a round is each system's own per-client work.
     "W1b-0": Workload("W1b-0", num_clients=1000, clients_per_round=100, local_epochs=0),
+    "D1b": Workload("D1b", num_clients=1000, clients_per_round=100, model="digits-mlp"),
 }
 
 
-def make_model() -> nn.Module:
-    """Return a fresh W1 model (105,866 parameters)."""
+def make_model(model: str = "cnn") -> nn.Module:
+    """Return a fresh W1 model (105,866 parameters) or the digits MLP (9,610)."""
+    if model == "digits-mlp":
+        return mlp((1, 8, 8), NUM_CLASSES, hidden=128)
     return cnn(INPUT_SHAPE, NUM_CLASSES)
 
 
-def client_tensors(client: int) -> tuple[Tensor, Tensor]:
-    """Return client ``client``'s inputs ``(64, 1, 28, 28)`` and labels ``(64,)``."""
+def client_tensors(client: int, model: str = "cnn") -> tuple[Tensor, Tensor]:
+    """Return client ``client``'s 64 inputs and labels: W1's synthetic images, or digits."""
     generator = torch.Generator().manual_seed(SEED * 1_000_003 + client)
+    if model == "digits-mlp":
+        images, labels = _digits()
+        index = torch.randperm(len(labels), generator=generator)[:SAMPLES_PER_CLIENT]
+        return images[index], labels[index]
     inputs = torch.randn(SAMPLES_PER_CLIENT, *INPUT_SHAPE, generator=generator)
     labels = torch.randint(0, NUM_CLASSES, (SAMPLES_PER_CLIENT,), generator=generator)
     return inputs, labels
 
 
-def client_dataset(partition_id: int, num_partitions: int = 0) -> TensorDataset:
-    """Client data as ``fedsim.clients.TorchTask.load_partition`` takes it."""
-    del num_partitions  # a client's data depends on its id alone
-    return TensorDataset(*client_tensors(partition_id))
+@cache
+def _digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1,797 embedded 8x8 digits, scaled to [0, 1], as ``(N, 1, 8, 8)``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A workload's client data as ``fedsim.clients.TorchTask.load_partition`` takes it."""
+
+    model: str = "cnn"
+
+    def __call__(self, partition_id: int, num_partitions: int = 0) -> TensorDataset:
+        """Return client ``partition_id``'s samples."""
+        del num_partitions  # a client's data depends on its id alone
+        return TensorDataset(*client_tensors(partition_id, self.model))
+
+
+#: W1's client data.
+client_dataset = ClientData()
 
 
 def node_data(node_config: UserConfig) -> TensorDataset:
@@ -114,9 +145,9 @@ def seeded_init(model_fn: Callable[[], nn.Module], seed: int) -> dict[str, Tenso
         return model_fn().state_dict()
 
 
-def initial_state(seed: int) -> dict[str, Tensor]:
-    """Return W1's global model before round 1."""
-    return seeded_init(make_model, seed)
+def initial_state(seed: int, model: str = "cnn") -> dict[str, Tensor]:
+    """Return the workload model's global state before round 1."""
+    return seeded_init(lambda: make_model(model), seed)
 
 
 def cohort(workload: Workload, *, seed: int, round_: int) -> list[int]:
@@ -135,28 +166,35 @@ def shuffle_generator(*, seed: int, round_: int, client: int) -> torch.Generator
 
 
 def reference_fedavg(
-    workload: Workload, *, rounds: int, seed: int, on_round: Callable[[], None]
+    workload: Workload,
+    *,
+    rounds: int,
+    seed: int,
+    on_round: Callable[[], None],
+    device: str = "cpu",
 ) -> dict[str, Tensor]:
     """Run W1 as the plainest FedAvg loop in PyTorch; return the final global state.
 
     One model is reloaded with the global state for each client of the round's
     cohort; the new global state is the example-weighted mean of the clients'
     states, summed in float64 as fedsim's aggregation does. ``on_round`` is called
-    before round 1 and after every round.
+    before round 1 and after every round. On ``device`` the model, each client's
+    data and the sums live there (the state comes back on the CPU).
     """
-    model, loss_fn = make_model(), nn.CrossEntropyLoss()
-    state = initial_state(seed)
+    model, loss_fn = make_model(workload.model).to(device), nn.CrossEntropyLoss()
+    state = {k: v.to(device) for k, v in initial_state(seed, workload.model).items()}
     on_round()
     for round_ in range(1, rounds + 1):
         sums = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in state.items()}
         total = 0
         for client in cohort(workload, seed=seed, round_=round_):
-            inputs, labels = client_tensors(client)
+            inputs, labels = (t.to(device) for t in client_tensors(client, workload.model))
             model.load_state_dict(state)
             optimizer = torch.optim.SGD(model.parameters(), lr=LR)
             shuffle = shuffle_generator(seed=seed, round_=round_, client=client)
             for _ in range(workload.local_epochs):
-                for index in torch.randperm(len(labels), generator=shuffle).split(BATCH_SIZE):
+                order = torch.randperm(len(labels), generator=shuffle).to(device)
+                for index in order.split(BATCH_SIZE):
                     optimizer.zero_grad()
                     loss_fn(model(inputs[index]), labels[index]).backward()
                     optimizer.step()
@@ -166,7 +204,7 @@ def reference_fedavg(
             total += len(labels)
         state = {name: (value / total).float() for name, value in sums.items()}
         on_round()
-    return state
+    return {name: value.cpu() for name, value in state.items()}
 
 
 # --------------------------------------------------------------------------- scale
