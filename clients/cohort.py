@@ -140,25 +140,28 @@ def train_stacked(
     sgd: "SGD",
     penalty: Penalty | None = None,
     start: Params | None = None,
+    host: bool = False,
 ) -> list[TrainedClient]:
     """Train ``clients`` at once from ``start`` (default: ``model``'s parameters).
 
     The model is not checked here (see :func:`cohort_refusal`) and is used
     functionally; its other state entries (buffers) come back as they are. A
     client's loss is the mean of its real steps' batch losses (``penalty``
-    included), 0.0 for a client without steps.
+    included), 0.0 for a client without steps. ``host`` returns the states on
+    the CPU, copied once for the whole chunk: replies need them there, and one
+    copy per client and tensor would synchronize a GPU each time.
     """
     model.train()
     if start is None:
         start = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     if not any(len(work.targets) for work in clients):
         params = {name: value.expand(len(clients), *value.shape) for name, value in start.items()}
-        return _results(model, params, [0.0] * len(clients))
+        return _results(model, params, [0.0] * len(clients), host=host)
     params, totals = _train_chunk(model, loss_fn, clients, sgd, penalty, start)
     steps = [int((work.schedule >= 0).any(dim=1).sum()) for work in clients]
     # As train_epochs: the running total as a Python float over the number of steps.
     means = [total / max(count, 1) for total, count in zip(totals.tolist(), steps, strict=True)]
-    return _results(model, params, means)
+    return _results(model, params, means, host=host)
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,10 @@ def _train_chunk(
     count = len(clients)
     like = next(work for work in clients if len(work.targets))
     rows = max(len(work.targets) for work in clients)
-    inputs = _padded([work.inputs for work in clients], like.inputs, rows)  # (clients, rows, ...)
-    targets = _padded([work.targets for work in clients], like.targets, rows)
+    # Padded where the samples are (one copy to the model's device, not one per client).
+    device = next(iter(start.values())).device
+    inputs = _padded([work.inputs for work in clients], like.inputs, rows).to(device)
+    targets = _padded([work.targets for work in clients], like.targets, rows).to(device)
     steps = max(len(work.schedule) for work in clients)
     width = max(work.schedule.shape[1] for work in clients)
     index = torch.full((count, steps, width), -1)
@@ -356,15 +361,19 @@ def draw_schedule(size: int, steps: int, batch_size: int, generator: torch.Gener
     return torch.stack(draws) if draws else torch.empty((0, batch_size), dtype=torch.long)
 
 
-def client_tensors(dataset: Dataset, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Return a client's samples as ``(inputs, targets)``, collated as its batches would be."""
+def client_tensors(dataset: Dataset, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Return a client's samples as ``(inputs, targets)``, collated as its batches would be.
+
+    They are moved to ``device``; None leaves them where they are (a cohort's samples
+    go to the model's device in one copy, see :func:`train_stacked`).
+    """
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         inputs, targets = dataset.tensors
     elif len(cast(Sized, dataset)) == 0:
         return torch.empty(0, device=device), torch.empty(0, device=device)
     else:
         inputs, targets = next(iter(DataLoader(dataset, batch_size=len(cast(Sized, dataset)))))
-    return inputs.to(device), targets.to(device)
+    return (inputs, targets) if device is None else (inputs.to(device), targets.to(device))
 
 
 def _padded(parts: Sequence[Tensor], like: Tensor, rows: int) -> Tensor:
@@ -376,14 +385,20 @@ def _padded(parts: Sequence[Tensor], like: Tensor, rows: int) -> Tensor:
     return out
 
 
-def _results(model: nn.Module, params: Params, losses: Sequence[float]) -> list[TrainedClient]:
+def _results(
+    model: nn.Module, params: Params, losses: Sequence[float], *, host: bool
+) -> list[TrainedClient]:
     """Return each client's state: its trained parameters (views), the model's other entries.
 
-    The other entries (buffers, frozen parameters) are copied once and shared.
+    The other entries (buffers, frozen parameters) are copied once and shared;
+    ``host``: everything on the CPU.
     """
     trained = {id(p): name for name, p in model.named_parameters() if p.requires_grad}
     entries = model.state_dict(keep_vars=True)
     fixed = {k: v.detach().clone() for k, v in entries.items() if id(v) not in trained}
+    if host:
+        params = {name: value.cpu() for name, value in params.items()}
+        fixed = {name: value.cpu() for name, value in fixed.items()}
     names = {k: trained[id(v)] for k, v in entries.items() if id(v) in trained}
     return [
         TrainedClient(

@@ -84,8 +84,10 @@ def cohort_workers(
     """Return each worker's data and batch draws for a cohort, by message index.
 
     The draws are those ``local_steps`` makes (:func:`fedsim.clients.cohort.draw_schedule`
-    from :func:`batch_generator`). A worker without samples is left out: its
-    message goes through the one-at-a-time action, whose error reply says why.
+    from :func:`batch_generator`). Samples stay where the dataset holds them
+    (``train_stacked`` moves the cohort's at once). A worker without samples is
+    left out: its message goes through the one-at-a-time action, whose error
+    reply says why.
     """
     workers = []
     for index, (message, context) in enumerate(zip(messages, contexts, strict=True)):
@@ -94,7 +96,6 @@ def cohort_workers(
             schedule = draw_schedule(
                 len(targets), steps, batch_size, batch_generator(message, context)
             )
-            inputs, targets = inputs.to(client.device), targets.to(client.device)
             workers.append((index, ClientWork(inputs, targets, schedule)))
     return workers
 

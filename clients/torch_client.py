@@ -234,12 +234,14 @@ class TorchClient:
         sgd = self.cohort_sgd(config_number(config, keys.LR, float, self.task.lr))
         work = []
         for context in contexts:
-            inputs, targets = client_tensors(self.partition(context), self.device)
+            inputs, targets = client_tensors(self.partition(context))
             partition = int(context.node_config[keys.PARTITION_ID])
             shuffle = torch_generator(seed, round_, partition, "shuffle")
             schedule = epoch_schedule(len(targets), epochs, batch_size, shuffle)
             work.append(ClientWork(inputs, targets, schedule))
-        results = train_stacked(model, work, loss_fn=self.task.loss_fn, sgd=sgd, penalty=penalty)
+        results = train_stacked(
+            model, work, loss_fn=self.task.loss_fn, sgd=sgd, penalty=penalty, host=True
+        )
         return [
             self._trained_reply(
                 message, {name: result.state[name] for name in arrays}, len(w.targets), result.loss

@@ -80,6 +80,7 @@ def local_cohort(
         loss_fn=client.task.loss_fn,
         sgd=SGD(lr),
         start=point,
+        host=True,
     )
     replies: list[Message | None] = [None] * len(messages)
     for (index, work), result in zip(workers, results, strict=True):

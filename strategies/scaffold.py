@@ -142,18 +142,25 @@ def scaffold_cohort(
         for (_, work), control in zip(workers, controls, strict=True)
     ]
     results = train_stacked(
-        model_for(client, point), corrected, loss_fn=client.task.loss_fn, sgd=SGD(lr), start=point
-    )
+        model_for(client, point), corrected, loss_fn=client.task.loss_fn, sgd=SGD(lr),
+        start=point, host=True,
+    )  # fmt: skip
+    # The states come back on the CPU: the control updates are taken there.
+    start, server_control = _on_cpu(point), _on_cpu(server_control)
     replies: list[Message | None] = [None] * len(messages)
     for (index, work), control, result in zip(workers, controls, results, strict=True):
         end = {name: result.state[name] for name in point}
         delta, control_delta, new_control = _changes(
-            point, end, server_control, control, lr * steps
+            start, end, server_control, _on_cpu(control), lr * steps
         )
         contexts[index].state[keys.CLIENT_CONTROL] = to_record(new_control)
         vectors = {keys.ARRAYS: delta, keys.CONTROL: control_delta}
         replies[index] = reply_with(messages[index], vectors, result.loss, len(work.targets))
     return replies
+
+
+def _on_cpu(point: Point) -> Point:
+    return {name: value.cpu() for name, value in point.items()}
 
 
 def _client_control(client: TorchClient, context: Context, point: Point) -> Point:
