@@ -7,7 +7,8 @@ ClientApp for it and check a run's privacy options before any work:
 ``client_actions``
     A tuple of :class:`ClientAction`: for each message type the strategy sends
     besides Flower's plain ``train`` and ``evaluate`` (which every fedsim client
-    answers), the handler that answers it. Missing means none.
+    answers), the handler that answers it, and optionally its cohort form (many
+    messages at once, which the vmap engine batches). Missing means none.
 ``honours_privacy``
     The privacy options (:data:`PRIVACY_OPTIONS`) the algorithm gives in full,
     and ``privacy_refusals`` says why it refuses the others. Missing means it
