@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 GUIDE = REPO / "docs" / "custom-strategy.md"
@@ -65,21 +64,6 @@ def test_the_guides_plugin_runs_under_central_dp_and_reports_its_epsilon(
     done = _fedsim(reader_folder, "privacy.central_dp=true", "name=central-dp")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _completed(reader_folder, "central-dp")["epsilon"] > 0
-
-
-def test_the_guides_plugin_trains_its_cohorts_batched_on_the_vmap_engine(
-    reader_folder: Path,
-) -> None:
-    """``prox_cohort`` is what the vmap engine runs, and it ends where ``prox_train`` does."""
-    states = {}
-    for engine in ("inline", "vmap"):
-        done = _fedsim(reader_folder, f"engine.name={engine}", f"name={engine}")
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "one at a time" not in done.stderr  # no fallback line: it batched
-        _completed(reader_folder, engine)
-        states[engine] = torch.load(reader_folder / "runs" / engine / "model.pt")
-    for name, value in states["inline"].items():
-        torch.testing.assert_close(states["vmap"][name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
