@@ -187,31 +187,36 @@ class SGD:
         return cls(group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"])
 
     def step(
-        self, params: Params, grads: Params, momenta: Params | None, active: Tensor
+        self, params: Params, grads: Params, momenta: Params | None, active: Tensor | None
     ) -> tuple[Params, Params | None]:
         """Return the parameters and momentum buffers after one step.
 
         Tensors carry a leading client axis; ``active`` (one bool per client) keeps
-        the clients without a batch bitwise where they were. The operations are
-        ``torch.optim.SGD``'s, in its order. ``momenta`` is None at the first step:
-        like SGD's lazily created buffer, it starts as the direction itself
-        (``0 * momentum + d`` could differ from ``d`` in the sign of a zero). Every
-        client's real steps come first in its schedule, so step 0 is the first
-        step of every client that has one.
+        the clients without a batch bitwise where they were (None: every client
+        steps). The operations are ``torch.optim.SGD``'s, in its order. ``momenta``
+        is None at the first step: like SGD's lazily created buffer, it starts as
+        the direction itself (``0 * momentum + d`` could differ from ``d`` in the
+        sign of a zero). Every client's real steps come first in its schedule, so
+        step 0 is the first step of every client that has one.
         """
         new_params, new_momenta = {}, {}
         for name, param in params.items():
-            keep = active.view(-1, *[1] * (param.dim() - 1))
+            keep = None if active is None else active.view(-1, *[1] * (param.dim() - 1))
             direction = grads[name]
             if self.weight_decay != 0:
                 direction = direction.add(param, alpha=self.weight_decay)
             if self.momentum != 0:
                 if momenta is not None:
                     buffer = momenta[name]
-                    direction = torch.where(keep, buffer.mul(self.momentum).add(direction), buffer)
+                    direction = _kept(keep, buffer.mul(self.momentum).add(direction), buffer)
                 new_momenta[name] = direction
-            new_params[name] = torch.where(keep, param.add(direction, alpha=-self.lr), param)
+            new_params[name] = _kept(keep, param.add(direction, alpha=-self.lr), param)
         return new_params, (new_momenta if self.momentum != 0 else None)
+
+
+def _kept(keep: Tensor | None, moved: Tensor, before: Tensor) -> Tensor:
+    """Return ``moved`` where ``keep`` holds (everywhere for None), ``before`` elsewhere."""
+    return moved if keep is None else torch.where(keep, moved, before)
 
 
 def cohort_refusal(
@@ -290,22 +295,33 @@ def _train_chunk(
     index = torch.full((count, steps, width), -1)
     for k, work in enumerate(clients):
         index[k, : len(work.schedule), : work.schedule.shape[1]] = work.schedule
+    # Steps in which every client has a whole batch take the plain batch loss, unmasked.
+    whole = (index >= 0).all(dim=2).all(dim=0).tolist()
     index = index.to(inputs.device)  # (clients, steps, width); -1: padding
     params = {name: p.expand(count, *p.shape).clone() for name, p in start.items()}
     offsets = _stacked_offsets(clients, start)
-    loss = _masked_mean_loss(model, loss_fn, penalty)
-    step = vmap(grad_and_value(loss), in_dims=(0, 0, 0, 0, None))
+    masked_step = vmap(
+        grad_and_value(_masked_mean_loss(model, loss_fn, penalty)), in_dims=(0, 0, 0, 0, None)
+    )
+    whole_step = vmap(grad_and_value(_batch_loss(model, loss_fn, penalty)), in_dims=(0, 0, 0, None))
     rows_of = torch.arange(count, device=inputs.device)[:, None]
     # Default dtype, as train_epochs's running total; += casts each loss into it as there.
     totals, momenta = torch.zeros(count, device=inputs.device), None
-    for slots in index.unbind(dim=1):  # (clients, width) per step
-        real, picked = slots >= 0, slots.clamp(min=0)
-        grads, losses = step(params, inputs[rows_of, picked], targets[rows_of, picked], real, start)
+    for slots, all_real in zip(index.unbind(dim=1), whole, strict=True):  # (clients, width)
+        if all_real:
+            batch = inputs[rows_of, slots], targets[rows_of, slots]
+            grads, losses = whole_step(params, *batch, start)
+            active = None
+        else:
+            real, picked = slots >= 0, slots.clamp(min=0)
+            batch = inputs[rows_of, picked], targets[rows_of, picked]
+            grads, losses = masked_step(params, *batch, real, start)
+            active = real.any(dim=1)
+            losses = torch.where(active, losses, 0.0)
         if offsets is not None:
             grads = {name: grads[name] + offsets[name] for name in grads}
-        active = real.any(dim=1)
         params, momenta = sgd.step(params, grads, momenta, active)
-        totals += torch.where(active, losses.detach(), 0.0)
+        totals += losses.detach()
     return params, totals
 
 
@@ -315,6 +331,18 @@ def _stacked_offsets(clients: Sequence[ClientWork], start: Params) -> Params | N
         return None
     zeros = {name: torch.zeros_like(value) for name, value in start.items()}
     return {name: torch.stack([(work.offset or zeros)[name] for work in clients]) for name in start}
+
+
+def _batch_loss(
+    model: nn.Module, loss_fn: LossFn, penalty: Penalty | None
+) -> Callable[[Params, Tensor, Tensor, Params], Tensor]:
+    """Return ``(params, inputs, targets, start) -> loss``: the sequential path's batch loss."""
+
+    def loss(params: Params, inputs: Tensor, targets: Tensor, start: Params) -> Tensor:
+        value = loss_fn(functional_call(model, params, (inputs,)), targets)
+        return value if penalty is None else value + penalty(params, start)
+
+    return loss
 
 
 def _masked_mean_loss(

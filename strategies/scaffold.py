@@ -148,14 +148,19 @@ def scaffold_cohort(
     # The states come back on the CPU: the control updates are taken there.
     start, server_control = _on_cpu(point), _on_cpu(server_control)
     replies: list[Message | None] = [None] * len(messages)
+    kept = {}
     for (index, work), control, result in zip(workers, controls, results, strict=True):
         end = {name: result.state[name] for name in point}
         delta, control_delta, new_control = _changes(
             start, end, server_control, _on_cpu(control), lr * steps
         )
-        contexts[index].state[keys.CLIENT_CONTROL] = to_record(new_control)
+        kept[index] = to_record(new_control)
         vectors = {keys.ARRAYS: delta, keys.CONTROL: control_delta}
         replies[index] = reply_with(messages[index], vectors, result.loss, len(work.targets))
+    # Only now, every reply built: a failure above leaves each node's c_p as it was, for the
+    # one-at-a-time path the engine then falls back to.
+    for index, record in kept.items():
+        contexts[index].state[keys.CLIENT_CONTROL] = record
     return replies
 
 
