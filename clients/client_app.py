@@ -6,7 +6,8 @@ strategy class declares (``client_actions``, see :mod:`fedsim.algorithm`), so no
 client class knows every algorithm and a plug-in brings its own.
 """
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
+from typing import cast
 
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
@@ -132,8 +133,7 @@ class CohortApp:
 
     def num_samples(self, context: Context) -> int:
         """Return how many samples the node of ``context`` holds."""
-        client = self.resolve(context)
-        return len(client_tensors(client.partition(context), client.device)[1])
+        return len(cast(Sized, self.resolve(context).partition(context)))
 
     def client_bytes(self, context: Context) -> int:
         """Estimate the memory one client of a cohort takes (probed on ``context``'s data)."""

@@ -27,15 +27,18 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from fedsim.clients.client_app import CohortApp
 from fedsim.engine.execute import TIMEOUT, assign_message_id, checked_reply, describe, error_reply
 from fedsim.engine.inline import InlineGrid
+
+if TYPE_CHECKING:  # the engine runs whatever cohort app it is given
+    from fedsim.clients.client_app import CohortApp
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class VmapGrid(InlineGrid):
     def __init__(
         self,
         client_app: ClientApp,
-        cohort_app: CohortApp | None,
+        cohort_app: "CohortApp | None",
         *,
         num_nodes: int,
         refusal: str | None = None,
@@ -94,7 +97,7 @@ class VmapGrid(InlineGrid):
             chunk_size = max(1, budget // max(cohort_app.client_bytes(probe), 1))
         self.chunk_size = chunk_size
 
-    def _probe_node(self, cohort_app: CohortApp) -> Context:
+    def _probe_node(self, cohort_app: "CohortApp") -> Context:
         """Return the context of the first of the first 16 nodes with samples (or the first).
 
         The model is probed on its data for what would break a batched replay.
