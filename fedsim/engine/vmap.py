@@ -174,13 +174,9 @@ class VmapGrid(InlineGrid):
         return chunks + singles
 
     def _run_batch(self, batch: list[Message]) -> list[Message]:
-        """Run one batch: a cohort chunk through the cohort app, a single message inline."""
+        """Run one batch: through the cohort app if its type has a cohort form, else inline."""
         cohort_app = self._cohort_app
-        if (
-            cohort_app is None
-            or len(batch) == 1
-            and batch[0].metadata.message_type not in (cohort_app.handlers)
-        ):
+        if cohort_app is None or batch[0].metadata.message_type not in cohort_app.handlers:
             return [self._execute(message) for message in batch]
         contexts = [self.nodes.context(m.metadata.dst_node_id) for m in batch]
         start = time.perf_counter()
